@@ -1,0 +1,58 @@
+"""memllm: trainable long-term memory for Hugging Face causal language models.
+
+Public API::
+
+    model, tokenizer = memllm.load_backbone("smollm2-135m")      # frozen, eval mode
+    memllm.inject_memory(model, {"type": "latent", "num_slots": 16})
+    with memllm.memory_session(model) as mem:                     # one example's memory
+        out = memllm.forward_segments(model, ids, mask, labels, segment_length=512, session=mem)
+    text = memllm.generate(model, tokenizer, long_prompt, segment_length=512)
+    memllm.save_memory(model, "out/final"); memllm.load_memory(other_model, "out/final")
+"""
+
+__version__ = "0.1.0"
+
+from memllm.backbone import load_backbone, load_tokenizer
+from memllm.checkpoint import load_memory, save_memory
+from memllm.config import ConfigError
+from memllm.errors import BackboneError, CheckpointError, DataError, MemllmError
+from memllm.generation import generate, generate_ids
+from memllm.inject import (
+    MemorySession,
+    inject_memory,
+    memory_config,
+    memory_parameters,
+    memory_session,
+    remove_memory,
+)
+from memllm.lora import LoraSettings, apply_lora, lora_parameters
+from memllm.memory import LatentMemoryConfig, memory_config_from_dict
+from memllm.segments import forward_segments, segment_bounds
+
+__all__ = [
+    "BackboneError",
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "LatentMemoryConfig",
+    "LoraSettings",
+    "MemllmError",
+    "MemorySession",
+    "__version__",
+    "apply_lora",
+    "forward_segments",
+    "generate",
+    "generate_ids",
+    "inject_memory",
+    "load_backbone",
+    "load_memory",
+    "load_tokenizer",
+    "lora_parameters",
+    "memory_config",
+    "memory_config_from_dict",
+    "memory_parameters",
+    "memory_session",
+    "remove_memory",
+    "save_memory",
+    "segment_bounds",
+]

@@ -1,0 +1,325 @@
+"""Attach memory to a Hugging Face causal LM, and own the memory's state.
+
+``inject_memory`` wraps the chosen decoder layers in :class:`MemoryLayer`: the original layer is
+called unchanged, the memory module decides what goes in and what comes out. The memory's state
+(slots, fast weights) is a value held by a :class:`MemorySession`, never by the modules, so that
+its lifetime is explicit: one session is one example (or one batch of independent examples), and
+nothing leaks between sessions unless the caller passes a state on.
+
+The session reaches the layers through the model, not through keyword arguments (``generate()``
+rejects unknown ones): the model's decoder stack gets a forward pre-hook that records the
+attention mask of each call, and each :class:`MemoryLayer` looks up the active session. Outside any
+session, every forward call starts from a fresh memory (as a one-call session would).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from memllm.backbone import backbone_name, decoder_stack, hidden_size
+from memllm.config import to_dict
+from memllm.errors import ConfigError
+from memllm.memory import build_memory_module, memory_config_from_dict
+
+ATTR = "_memllm"  # the controller's attribute on the host model
+
+
+class MemorySession:
+    """The memory state of one example or stream (a batch of independent examples).
+
+    Attributes:
+        states: per memory layer index, that layer's state (batch dimension first).
+        writing: whether forward calls update the memory (False while generating).
+        aux: per memory layer, the ``aux`` tensors of the most recent forward call.
+    """
+
+    def __init__(self, controller: MemoryController, state: dict[int, Any] | None = None):
+        self.controller = controller
+        self.states: dict[int, Any] = dict(state or {})
+        self.writing = True
+        self.aux: dict[int, dict[str, Tensor]] = {}
+        self.mask: Tensor | None = None  # (B, T) bool for the current call, set by the hook
+
+    # -- state -------------------------------------------------------------------------------
+    def state_for(self, index: int, module: nn.Module, hidden: Tensor) -> Any:
+        batch = hidden.shape[0]
+        if index not in self.states:
+            self.states[index] = module.init_state(batch, hidden.device, hidden.dtype)
+        state = self.states[index]
+        leaf = next(iter(_leaves(state)), None)
+        if leaf is not None and leaf.shape[0] != batch:
+            raise ValueError(
+                f"memory session holds state for batch size {leaf.shape[0]}, "
+                f"but the model was called with batch size {batch}; use one session per batch"
+            )
+        return state
+
+    def state(self) -> dict[int, Any]:
+        """The current state of every memory layer (pass it to a new session to continue)."""
+        return dict(self.states)
+
+    def detach(self) -> None:
+        """Cut the graph through the memory state (truncated back-propagation)."""
+        self.states = {k: tree_map(_detach, v) for k, v in self.states.items()}
+
+    def reset(self) -> None:
+        """Forget everything: the next call starts from a fresh memory."""
+        self.states.clear()
+        self.aux.clear()
+
+    @contextlib.contextmanager
+    def read_only(self) -> Iterator[MemorySession]:
+        """Calls inside read the memory but do not write it (generation)."""
+        before, self.writing = self.writing, False
+        try:
+            yield self
+        finally:
+            self.writing = before
+
+    # -- losses and diagnostics ---------------------------------------------------------------
+    def aux_loss(self) -> Tensor | float:
+        """Sum of the memory modules' regularisation losses of the latest forward call."""
+        losses = [aux["loss"] for aux in self.aux.values() if "loss" in aux]
+        return torch.stack(losses).sum() if losses else 0.0
+
+    def diagnostics(self) -> dict[str, float]:
+        """Memory diagnostics of the latest forward call as floats, ``layer{i}/{name}``."""
+        out = {}
+        for index, aux in sorted(self.aux.items()):
+            for name, value in aux.items():
+                if isinstance(value, Tensor) and value.numel() == 1:
+                    out[f"layer{index}/{name}"] = float(value.detach())
+        return out
+
+
+def _leaves(state: Any) -> Iterator[Tensor]:
+    if isinstance(state, Tensor):
+        yield state
+    elif isinstance(state, dict):
+        for v in state.values():
+            yield from _leaves(v)
+    elif isinstance(state, (list, tuple)):
+        for v in state:
+            yield from _leaves(v)
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, Tensor) else x
+
+
+class MemoryController:
+    """What ``inject_memory`` leaves on the model: config, wrapped layers, the active session."""
+
+    def __init__(self, model: nn.Module, config, layer_ids: list[int], hook) -> None:
+        self.config = config
+        self.layer_ids = layer_ids
+        self.hook = hook
+        self.session: MemorySession | None = None
+        self.ephemeral = False  # the session was created by the hook for a single call
+        self.backbone = backbone_name(model)
+
+    def begin_call(self, mask: Tensor | None) -> None:
+        if self.session is None:
+            self.session = MemorySession(self)
+            self.ephemeral = True
+        self.session.mask = mask
+
+    def end_call(self) -> None:
+        if self.ephemeral:
+            self.session = None
+            self.ephemeral = False
+
+
+class MemoryLayer(nn.Module):
+    """A decoder layer followed (or surrounded) by a memory module.
+
+    The wrapped layer is called unchanged; attribute lookups this wrapper does not know fall
+    through to it (HF models read e.g. ``layer.attention_type``).
+    """
+
+    def __init__(self, layer: nn.Module, memory: nn.Module, index: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.memory = memory
+        self.index = index
+        self._controller: MemoryController | None = None  # set by inject_memory, not a module
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        controller = self._controller
+        session = controller.session if controller is not None else None
+        if session is None:  # called outside the decoder stack: behave as a fresh memory
+            session = MemorySession(controller)
+        extras: list[Any] = []
+
+        def call_layer(h: Tensor) -> Tensor:
+            out = self.layer(h, *args, **kwargs)
+            if isinstance(out, tuple):  # older HF layers return (hidden, attn, ...)
+                extras[:] = out[1:]
+                return out[0]
+            return out
+
+        mask = session.mask
+        tokens = hidden_states.shape[1]
+        if mask is None or mask.shape[1] < tokens:
+            mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+        else:  # with a KV cache the 2-D mask covers past + current tokens
+            mask = mask[:, -tokens:].to(hidden_states.device)
+        state = session.state_for(self.index, self.memory, hidden_states)
+        out, new_state, aux = self.memory(
+            call_layer, hidden_states, state, mask=mask, write=session.writing
+        )
+        if session.writing:
+            session.states[self.index] = new_state
+        session.aux[self.index] = aux
+        return (out, *extras) if extras else out
+
+
+def _find_controller(model: nn.Module) -> MemoryController | None:
+    for module in model.modules():
+        controller = getattr(module, ATTR, None)
+        if isinstance(controller, MemoryController):
+            return controller
+    return None
+
+
+def controller_of(model: nn.Module) -> MemoryController:
+    controller = _find_controller(model)
+    if controller is None:
+        raise ValueError("this model has no memory; call memllm.inject_memory(model, config) first")
+    return controller
+
+
+def resolve_layer_ids(layer_ids: list[int], num_layers: int, key: str = "layer_ids") -> list[int]:
+    """Turn possibly negative layer indices into sorted positive ones, or fail naming the key."""
+    resolved = []
+    for i in layer_ids:
+        if not -num_layers <= i < num_layers:
+            raise ConfigError(
+                f"{key}: layer {i} is out of range for a model with {num_layers} decoder layers "
+                f"(valid: 0..{num_layers - 1}, or -1 for the last)"
+            )
+        resolved.append(i % num_layers)
+    if len(set(resolved)) != len(resolved):
+        raise ConfigError(f"{key}: {layer_ids} names the same layer twice")
+    return sorted(resolved)
+
+
+def inject_memory(model: nn.Module, config) -> nn.Module:
+    """Wrap the configured decoder layers of ``model`` with memory modules, in place.
+
+    The backbone is frozen (``requires_grad=False``); the memory modules are trainable and start
+    as the identity of the backbone. Everything is validated before the model is touched.
+
+    Args:
+        model: a Hugging Face causal LM (see :data:`memllm.backbone.DECODER_STACKS`).
+        config: a memory config dataclass or a plain dict with a ``type`` key.
+
+    Returns:
+        The same model, now with memory.
+    """
+    if isinstance(config, dict):
+        config = memory_config_from_dict(config)
+    if _find_controller(model) is not None:
+        raise ValueError("this model already has memory; call memllm.remove_memory(model) first")
+    owner, layers = decoder_stack(model)
+    layer_ids = resolve_layer_ids(list(config.layer_ids), len(layers))
+    width = hidden_size(model)
+    param = next(model.parameters())
+    modules = {i: build_memory_module(config, width).to(param.device) for i in layer_ids}
+
+    model.requires_grad_(False)
+
+    def record_mask(_module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        if mask is not None and mask.dim() != 2:
+            mask = None  # a prepared 4-D mask: fall back to "all tokens real"
+        controller.begin_call(mask.bool() if mask is not None else None)
+
+    def finish(_module, _args, _kwargs, _output):
+        controller.end_call()
+
+    hook = (
+        owner.register_forward_pre_hook(record_mask, with_kwargs=True),
+        owner.register_forward_hook(finish, with_kwargs=True, always_call=True),
+    )
+    controller = MemoryController(model, config, layer_ids, hook)
+    for i, memory in modules.items():
+        wrapper = MemoryLayer(layers[i], memory, i)
+        wrapper._controller = controller
+        layers[i] = wrapper
+    # not registered as a submodule: the controller holds no parameters
+    object.__setattr__(model, ATTR, controller)
+    return model
+
+
+def remove_memory(model: nn.Module) -> nn.Module:
+    """Undo :func:`inject_memory`: restore the original decoder layers and drop the hooks."""
+    controller = controller_of(model)
+    _, layers = decoder_stack(model)
+    for i, layer in enumerate(layers):
+        if isinstance(layer, MemoryLayer):
+            layers[i] = layer.layer
+    for handle in controller.hook:
+        handle.remove()
+    object.__delattr__(model, ATTR)
+    return model
+
+
+def memory_layers(model: nn.Module) -> dict[int, MemoryLayer]:
+    """The wrapped decoder layers, by layer index."""
+    _, layers = decoder_stack(model)
+    return {i: layer for i, layer in enumerate(layers) if isinstance(layer, MemoryLayer)}
+
+
+def memory_modules(model: nn.Module) -> nn.ModuleDict:
+    """The memory modules by layer index (a view; their parameters are the model's)."""
+    return nn.ModuleDict({str(i): layer.memory for i, layer in memory_layers(model).items()})
+
+
+def memory_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The memory's parameters, found by structure (the modules inside :class:`MemoryLayer`)."""
+    return list(memory_modules(model).parameters())
+
+
+def memory_config(model: nn.Module):
+    """The memory config the model was injected with."""
+    return controller_of(model).config
+
+
+def memory_config_dict(model: nn.Module) -> dict[str, Any]:
+    return to_dict(memory_config(model))
+
+
+@contextlib.contextmanager
+def memory_session(
+    model: nn.Module, state: dict[int, Any] | None = None
+) -> Iterator[MemorySession]:
+    """Own the memory of one example (or batch of independent examples) for a block of code.
+
+    Every ``model(...)`` or ``model.generate(...)`` call inside reads the memory written by the
+    earlier calls of this session and writes to it (unless inside ``session.read_only()``). The
+    memory starts fresh, or from ``state`` (a previous session's ``state()``) for runs that carry
+    memory across examples on purpose (persistent memory).
+    """
+    controller = controller_of(model)
+    if controller.session is not None and not controller.ephemeral:
+        raise RuntimeError("a memory session is already active on this model; sessions don't nest")
+    session = MemorySession(controller, state)
+    controller.session = session
+    controller.ephemeral = False
+    try:
+        yield session
+    finally:
+        controller.session = None

@@ -1,0 +1,129 @@
+"""LoRA co-training through PEFT, in place on the host model.
+
+PEFT's ``inject_adapter_in_model`` adds LoRA layers to the model object itself (no ``PeftModel``
+wrapper), so memory and adapter live on one model and one checkpoint covers both. Adapter keys
+are stored without memllm's wrapper segment (``layers.3.layer.self_attn`` → ``layers.3.self_attn``),
+so a checkpoint loads whether LoRA or memory was attached first.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from memllm.config import check, from_dict, to_dict
+from memllm.errors import CheckpointError, ConfigError
+
+ADAPTER = "default"
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the backbone (MemoryLlama co-trains it with the memory)."""
+
+    rank: int = field(default=16, metadata={"help": "LoRA rank r"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA scaling alpha"})
+    dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input"})
+    target_modules: list[str] = field(
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        metadata={"help": "module names (suffixes) that get adapters"},
+    )
+
+    def __post_init__(self) -> None:
+        check(self.rank > 0, "rank", f"must be > 0, got {self.rank}")
+        check(self.alpha > 0, "alpha", f"must be > 0, got {self.alpha}")
+        check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        check(len(self.target_modules) > 0, "target_modules", "needs at least one module name")
+
+
+def _settings(settings: LoraSettings | dict[str, Any]) -> LoraSettings:
+    return settings if isinstance(settings, LoraSettings) else from_dict(LoraSettings, settings)
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.Module:
+    """Add LoRA adapters to ``model`` in place; only their parameters become trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    settings = _settings(settings)
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    absent = [t for t in settings.target_modules if t not in names]
+    if absent:
+        raise ConfigError(
+            f"lora.target_modules: {absent[0]!r} names no module of {type(model).__name__}"
+        )
+    config = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+    )
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    model._memllm_lora = settings  # noqa: SLF001 - read back by lora_config_dict
+    return model
+
+
+def has_lora(model: nn.Module) -> bool:
+    return getattr(model, "_memllm_lora", None) is not None
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The LoRA parameters, found by structure (PEFT's LoRA layers), not by name matching."""
+    from peft.tuners.lora import LoraLayer
+
+    params: list[nn.Parameter] = []
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            for sub in (module.lora_A, module.lora_B):
+                params.extend(sub.parameters())
+    return params
+
+
+def lora_config_dict(model: nn.Module) -> dict[str, Any]:
+    return to_dict(model._memllm_lora)
+
+
+def _wrapper_pattern(model: nn.Module) -> re.Pattern:
+    from memllm.inject import MemoryLayer
+
+    prefixes = [re.escape(n) for n, m in model.named_modules() if isinstance(m, MemoryLayer)]
+    if not prefixes:
+        return re.compile(r"(?!x)x")
+    return re.compile(rf"^({'|'.join(prefixes)})\.layer\.")
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights, with memllm's wrapper segment removed from the keys ({} without LoRA)."""
+    if not has_lora(model):
+        return {}
+    from peft import get_peft_model_state_dict
+
+    pattern = _wrapper_pattern(model)
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    return {pattern.sub(r"\1.", k): v.detach().contiguous() for k, v in state.items()}
+
+
+def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source=None) -> None:
+    """Load LoRA weights saved by :func:`adapter_state_dict`, strictly."""
+    from peft import set_peft_model_state_dict
+
+    pattern = _wrapper_pattern(model)
+    expected = {pattern.sub(r"\1.", k): k for k in adapter_state_dict(model)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        raise CheckpointError(f"{source or 'adapter'}: does not match the LoRA config ({what})")
+    mapped = {expected[k]: v for k, v in state.items()}
+    set_peft_model_state_dict(model, mapped, adapter_name=ADAPTER)

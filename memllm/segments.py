@@ -1,0 +1,132 @@
+"""Inputs longer than a segment: split, run segment by segment, carry the memory.
+
+Segments are aligned to the *end* of the input: the last segment holds the last
+``segment_length`` tokens (the question, the answer), earlier ones step back from there. With
+left padding this gives every example of a batch the same segments it would get alone, which is
+what keeps a batch equal to its examples run one at a time.
+
+Each segment is a separate forward call of the backbone: positions restart at 0 and the backbone
+sees only that segment; what it knows of earlier segments comes through the memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from memllm.inject import MemorySession, memory_session
+
+
+def segment_bounds(length: int, segment_length: int) -> list[tuple[int, int]]:
+    """``[start, end)`` of each segment of a ``length``-token input, aligned to the end."""
+    if segment_length <= 0:
+        raise ValueError(f"segment_length must be > 0, got {segment_length}")
+    bounds = []
+    end = length
+    while end > 0:
+        bounds.append((max(0, end - segment_length), end))
+        end -= segment_length
+    return bounds[::-1] or [(0, 0)]
+
+
+def positions_from_mask(mask: Tensor) -> Tensor:
+    """Position ids that count only real tokens (left padding gets position 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+@dataclass
+class SegmentOutput:
+    """Outputs of a segment-by-segment forward pass.
+
+    Attributes:
+        loss: mean token loss over every labelled token of every segment (None without labels).
+        logits: the logits of the last segment (B, T_last, vocab).
+        aux_loss: the memory regularisers, averaged over segments.
+        num_segments: how many segments were run.
+        num_tokens: how many labelled tokens the loss averages over.
+    """
+
+    loss: Tensor | None
+    logits: Tensor
+    aux_loss: Tensor | float
+    num_segments: int
+    num_tokens: int
+
+
+def forward_segments(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor | None = None,
+    labels: Tensor | None = None,
+    *,
+    segment_length: int,
+    session: MemorySession | None = None,
+    bptt_segments: int | None = None,
+    keep_logits: bool = True,
+) -> SegmentOutput:
+    """Run ``model`` over a long input segment by segment, the memory carrying what came before.
+
+    Args:
+        input_ids, attention_mask, labels: (B, T); labels use -100 for tokens without loss.
+        segment_length: tokens per forward call.
+        session: an open memory session to use (and leave holding the final state); a fresh one
+            is opened and closed otherwise.
+        bptt_segments: truncated back-propagation: gradients flow through the memory across at
+            most this many segments (None: through all of them).
+        keep_logits: keep only the last segment's logits (always) — set False to drop even those.
+    """
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if session is None:
+        with memory_session(model) as own:
+            return forward_segments(
+                model,
+                input_ids,
+                attention_mask,
+                labels,
+                segment_length=segment_length,
+                session=own,
+                bptt_segments=bptt_segments,
+                keep_logits=keep_logits,
+            )
+    bounds = segment_bounds(input_ids.shape[1], segment_length)
+    # targets[t] is the token that the logits at t predict (labels shifted by one over the whole
+    # input), so a token that opens a segment is still predicted, by the previous segment's end
+    targets = None
+    if labels is not None:
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]
+    total_loss = None
+    total_tokens = 0
+    aux_losses = []
+    logits = None
+    for k, (start, end) in enumerate(bounds):
+        if bptt_segments and k > 0 and k % bptt_segments == 0:
+            session.detach()
+        ids = input_ids[:, start:end]
+        mask = attention_mask[:, start:end]
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask),
+            use_cache=False,
+        )
+        aux_losses.append(session.aux_loss())
+        if targets is not None:
+            seg_targets = targets[:, start:end]
+            n = int((seg_targets != -100).sum())
+            if n:
+                loss = nn.functional.cross_entropy(
+                    out.logits.float().reshape(-1, out.logits.shape[-1]),
+                    seg_targets.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                )
+                total_loss = loss if total_loss is None else total_loss + loss
+                total_tokens += n
+        logits = out.logits if (keep_logits and k == len(bounds) - 1) else None
+    mean_loss = total_loss / total_tokens if total_loss is not None else None
+    aux = sum(aux_losses) / len(aux_losses)
+    return SegmentOutput(mean_loss, logits, aux, len(bounds), total_tokens)

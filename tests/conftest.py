@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny random models built from config classes, offline and fast."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never reach a hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from memllm.backbone import freeze  # noqa: E402
+from memllm.tiny import build_tiny_model  # noqa: E402
+
+SMALL_LATENT = {"type": "latent", "num_slots": 4, "memory_dim": 16, "num_heads": 2}
+
+
+@pytest.fixture
+def tiny():
+    """Factory: ``tiny("llama")`` → (frozen model, tokenizer); also qwen2, gemma3, gpt2."""
+
+    def make(arch: str = "llama", seed: int = 0, **sizes):
+        model, tokenizer = build_tiny_model(arch, seed=seed, **sizes)
+        return freeze(model), tokenizer
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """Each test gets its own memllm cache folder."""
+    monkeypatch.setenv("MEMLLM_CACHE", str(tmp_path / "memllm-cache"))
