@@ -1,0 +1,72 @@
+"""Generation: memory from the first new token, batched with left padding, prompts past the window."""
+
+from __future__ import annotations
+
+import torch
+from conftest import SMALL_LATENT
+from test_latent_memory import random_ids, wake_memory
+
+import memllm
+from memllm.segments import forward_segments
+
+
+def test_memory_is_used_from_the_first_generated_token(tiny):
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    wake_memory(model)
+    ids = random_ids(1, 40, seed=1)
+    teacher = forward_segments(model, ids, segment_length=16).logits[:, -1]
+    with memllm.memory_session(model) as session:
+        model(input_ids=ids[:, :8])
+        model(input_ids=ids[:, 8:24])
+        with session.read_only():
+            out = model.generate(ids[:, 24:], max_new_tokens=3, do_sample=False,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+    assert torch.allclose(out.logits[0], teacher, atol=1e-5)
+    bare = model(input_ids=ids[:, 24:])  # fresh memory: what the first token would be without it
+    assert not torch.allclose(bare.logits[:, -1], teacher)
+
+
+def test_generate_equals_teacher_forcing(tiny):
+    """Greedy tokens, fed back teacher-forced through the same segments, are each the argmax."""
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    wake_memory(model)
+    ids = random_ids(1, 40, seed=2)
+    new = memllm.generate_ids(model, ids, segment_length=16, max_new_tokens=5)
+    full = torch.cat([ids, new], 1)
+    with memllm.memory_session(model) as session:
+        model(input_ids=full[:, :8])
+        model(input_ids=full[:, 8:24])
+        with session.read_only():
+            logits = model(input_ids=full[:, 24:]).logits
+    assert torch.equal(logits[0, 15:-1].argmax(-1), new[0])
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    model, tokenizer = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    wake_memory(model)
+    prompts = ["The cat sat on the mat and then " * 3, "Short prompt ", "Mary went to the garden. " * 2]
+    batched = memllm.generate(model, tokenizer, prompts, segment_length=16, max_new_tokens=6)
+    alone = [memllm.generate(model, tokenizer, p, segment_length=16, max_new_tokens=6) for p in prompts]
+    assert batched == alone
+
+
+def test_prompt_longer_than_the_window(tiny):
+    model, tokenizer = tiny("llama", context=32)
+    memllm.inject_memory(model, SMALL_LATENT)
+    prompt = "Daniel went to the office. " * 20  # 540 byte-tokens, the window is 32
+    text = memllm.generate(model, tokenizer, prompt, segment_length=24, max_new_tokens=8)
+    assert isinstance(text, str)
+    # without memory the same call sees only the last segment (the window baseline)
+    memllm.remove_memory(model)
+    assert isinstance(memllm.generate(model, tokenizer, prompt, segment_length=24), str)
+
+
+def test_identity_generation_through_segments(tiny):
+    model, tokenizer = tiny("qwen2")
+    prompt = "Sandra journeyed to the kitchen. " * 4
+    bare = memllm.generate(model, tokenizer, prompt, segment_length=32, max_new_tokens=8)
+    memllm.inject_memory(model, SMALL_LATENT)
+    assert memllm.generate(model, tokenizer, prompt, segment_length=32, max_new_tokens=8) == bare

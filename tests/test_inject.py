@@ -1,0 +1,95 @@
+"""Injection: validation before touching the model, removal, configs, the backbone table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SMALL_LATENT
+
+import memllm
+from memllm.backbone import DECODER_STACKS, decoder_stack
+from memllm.config import ConfigError
+from memllm.inject import MemoryLayer, _find_controller
+
+
+def test_bad_layer_index_fails_before_touching_the_model(tiny):
+    model, _ = tiny("llama")
+    layers_before = list(decoder_stack(model)[1])
+    with pytest.raises(ConfigError, match=r"layer_ids: layer 5 is out of range .* 2 decoder layers"):
+        memllm.inject_memory(model, {**SMALL_LATENT, "layer_ids": [0, 5]})
+    assert list(decoder_stack(model)[1]) == layers_before
+    assert _find_controller(model) is None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"num_slots": 0}, "num_slots: must be > 0"),
+        ({"memory_dim": 10, "num_heads": 4}, "memory_dim: 10 is not divisible"),
+        ({"slots": 4}, "unknown key slots"),
+        ({"num_slots": "many"}, "num_slots: expected an integer"),
+        ({"type": "magic"}, "type: unknown memory type 'magic'"),
+        ({"layer_ids": [1, 1]}, "layer_ids: has duplicates"),
+    ],
+)
+def test_bad_memory_config_is_one_line(tiny, change, message):
+    model, _ = tiny("llama")
+    with pytest.raises(ConfigError, match=message) as err:
+        memllm.inject_memory(model, {**SMALL_LATENT, **change})
+    assert "\n" not in str(err.value)
+    assert _find_controller(model) is None
+
+
+def test_remove_memory_restores_the_model(tiny):
+    model, _ = tiny("gpt2")
+    ids = torch.randint(3, 200, (1, 12))
+    before = model(input_ids=ids).logits
+    memllm.inject_memory(model, {**SMALL_LATENT, "layer_ids": [0, 1]})
+    assert all(isinstance(layer, MemoryLayer) for layer in decoder_stack(model)[1])
+    with pytest.raises(ValueError, match="already has memory"):
+        memllm.inject_memory(model, SMALL_LATENT)
+    memllm.remove_memory(model)
+    assert not any(isinstance(layer, MemoryLayer) for layer in decoder_stack(model)[1])
+    assert torch.equal(model(input_ids=ids).logits, before)
+    memllm.inject_memory(model, SMALL_LATENT)  # and it can be attached again
+
+
+def test_wrapper_passes_layer_attributes_through(tiny):
+    model, _ = tiny("gemma3")
+    kinds = [(layer.layer_idx, layer.hidden_size) for layer in decoder_stack(model)[1]]
+    memllm.inject_memory(model, {**SMALL_LATENT, "layer_ids": [0, 1]})
+    assert [(layer.layer_idx, layer.hidden_size) for layer in decoder_stack(model)[1]] == kinds
+
+
+def test_sessions_do_not_nest(tiny):
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    with memllm.memory_session(model), pytest.raises(RuntimeError, match="don't nest"):
+        with memllm.memory_session(model):
+            pass
+
+
+def test_session_rejects_another_batch_size(tiny):
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    with memllm.memory_session(model), pytest.raises(ValueError, match="batch size 2"):
+        model(input_ids=torch.ones(2, 4, dtype=torch.long))
+        model(input_ids=torch.ones(3, 4, dtype=torch.long))
+
+
+def test_model_without_memory_is_a_clear_error(tiny):
+    model, _ = tiny("llama")
+    with pytest.raises(ValueError, match="no memory"), memllm.memory_session(model):
+        pass
+
+
+def test_decoder_table_covers_the_named_families():
+    for model_type in ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gpt2", "gpt_neox"):
+        assert model_type in DECODER_STACKS
+
+
+def test_unsupported_architecture_is_one_line(tiny):
+    model, _ = tiny("llama")
+    model.config.model_type = "mystery"
+    with pytest.raises(memllm.BackboneError, match="model_type 'mystery' is not supported"):
+        memllm.inject_memory(model, SMALL_LATENT)

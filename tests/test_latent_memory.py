@@ -1,0 +1,224 @@
+"""The invariants of DESIGN.md for the gated latent memory, on tiny Llama / GPT-2 / Qwen2 / Gemma3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import SMALL_LATENT
+
+import memllm
+from memllm.inject import memory_layers
+from memllm.segments import forward_segments, positions_from_mask, segment_bounds
+
+ARCHS = ["llama", "gpt2", "qwen2", "gemma3"]
+
+
+def wake_memory(model, seed: int = 0) -> None:
+    """Give the zero-initialised mixing gates random values so the memory changes outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in memory_layers(model).values():
+            gate = layer.memory.out_gate
+            gate.copy_(torch.randn(gate.shape, generator=gen))
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 250, (batch, length), generator=gen)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_identity_at_init_logits_and_generate(tiny, arch):
+    model, tokenizer = tiny(arch)
+    ids = random_ids(2, 24)
+    bare_logits = model(input_ids=ids).logits
+    bare_gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    memllm.inject_memory(model, {**SMALL_LATENT, "layer_ids": [0, -1]})
+    assert torch.equal(model(input_ids=ids).logits, bare_logits)
+    with memllm.memory_session(model):
+        assert torch.equal(model(input_ids=ids).logits, bare_logits)
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), bare_gen)
+    # the segment-recurrent path too: with a zero gate every segment sees only the backbone
+    out = forward_segments(model, ids, segment_length=8)
+    bare_last = model(input_ids=ids[:, -8:]).logits
+    assert torch.allclose(out.logits, bare_last, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_only_memory_trains(tiny, arch):
+    model, _ = tiny(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    memllm.inject_memory(model, SMALL_LATENT)
+    params = memllm.memory_parameters(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in params} == {id(p) for p in trainable}
+    assert len(params) > 0
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids = random_ids(2, 32)
+    for _ in range(2):  # the second step moves everything behind the (no longer zero) gate
+        out = forward_segments(model, ids, labels=ids, segment_length=8)
+        (out.loss + out.aux_loss).backward()
+        assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+        opt.step()
+        opt.zero_grad()
+    memllm.remove_memory(model)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    memory = {id(p) for p in params}
+    assert all(id(p) not in memory for p in model.parameters())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_batch_equals_examples_one_at_a_time(tiny, arch):
+    model, tokenizer = tiny(arch)
+    memllm.inject_memory(model, SMALL_LATENT)
+    wake_memory(model)
+    long, short = random_ids(1, 37, seed=1), random_ids(1, 19, seed=2)
+    batch = torch.zeros(2, 37, dtype=torch.long)
+    mask = torch.zeros(2, 37, dtype=torch.long)
+    batch[0], mask[0] = long[0], 1
+    batch[1, -19:], mask[1, -19:] = short[0], 1  # left padding
+    together = forward_segments(model, batch, mask, labels=batch.masked_fill(mask == 0, -100),
+                                segment_length=8)
+    alone_long = forward_segments(model, long, labels=long, segment_length=8)
+    alone_short = forward_segments(model, short, labels=short, segment_length=8)
+    assert torch.allclose(together.logits[0], alone_long.logits[0], atol=1e-5)
+    last = alone_short.logits.shape[1]
+    assert torch.allclose(together.logits[1, -last:], alone_short.logits[0], atol=1e-5)
+
+
+def test_no_leakage_between_sessions(tiny):
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    wake_memory(model)
+    a, b = random_ids(1, 24, seed=3), random_ids(1, 24, seed=4)
+    first = forward_segments(model, b, segment_length=8).logits
+    forward_segments(model, a, segment_length=8)  # another example in between
+    again = forward_segments(model, b, segment_length=8).logits
+    assert torch.equal(first, again)
+    # outside a session every call starts from a fresh memory
+    assert torch.equal(model(input_ids=b).logits, model(input_ids=b).logits)
+
+
+def test_persistent_memory_is_opt_in(tiny):
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    wake_memory(model)
+    a, b = random_ids(1, 16, seed=5), random_ids(1, 8, seed=6)
+    with memllm.memory_session(model) as session:
+        forward_segments(model, a, segment_length=8, session=session)
+        carried = session.state()
+    fresh = forward_segments(model, b, segment_length=8).logits
+    with memllm.memory_session(model, state=carried) as session:
+        continued = forward_segments(model, b, segment_length=8, session=session).logits
+    with memllm.memory_session(model) as session:
+        joint = forward_segments(model, torch.cat([a, b], 1), segment_length=8, session=session)
+    assert not torch.allclose(fresh, continued)
+    assert torch.allclose(continued, joint.logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_causality(tiny, arch):
+    model, _ = tiny(arch)
+    memllm.inject_memory(model, SMALL_LATENT)
+    wake_memory(model)
+    ids = random_ids(1, 32, seed=7)
+    changed = ids.clone()
+    t = 20
+    changed[:, t + 1 :] = random_ids(1, 32 - t - 1, seed=8)
+    # inside one call (the memory read holds only earlier segments)...
+    with memllm.memory_session(model) as session:
+        model(input_ids=random_ids(1, 8, seed=9))
+        state = session.state()
+    with memllm.memory_session(model, state=state):
+        one = model(input_ids=ids).logits
+    with memllm.memory_session(model, state=state):
+        two = model(input_ids=changed).logits
+    assert torch.equal(one[:, : t + 1], two[:, : t + 1])
+    assert not torch.equal(one[:, t + 1 :], two[:, t + 1 :])
+    # ...and across segments: a later segment never changes an earlier one
+    with memllm.memory_session(model) as session:
+        early = [model(input_ids=ids[:, s:e]).logits for s, e in segment_bounds(32, 8)[:2]]
+    with memllm.memory_session(model) as session:
+        late = [model(input_ids=changed[:, s:e]).logits for s, e in segment_bounds(32, 8)[:2]]
+    for x, y in zip(early, late, strict=True):
+        assert torch.equal(x, y)
+
+
+def test_segments_equal_the_computation_by_hand(tiny):
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    wake_memory(model)
+    ids = random_ids(2, 30, seed=10)
+    mask = torch.ones_like(ids)
+    out = forward_segments(model, ids, mask, labels=ids, segment_length=8)
+    assert out.num_segments == 4  # 6 + 8 + 8 + 8, aligned to the end
+    losses, count = 0.0, 0
+    with memllm.memory_session(model):
+        for start, end in [(0, 6), (6, 14), (14, 22), (22, 30)]:
+            logits = model(input_ids=ids[:, start:end]).logits
+            # logits at t predict token t+1, also across the segment boundary
+            targets = ids[:, start + 1 : end + 1]
+            use = logits[:, : targets.shape[1]]
+            losses += torch.nn.functional.cross_entropy(
+                use.reshape(-1, use.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
+            count += targets.numel()
+    assert torch.allclose(out.loss, losses / count, atol=1e-6)
+    assert torch.allclose(out.logits, logits, atol=1e-6)
+    assert out.num_tokens == count
+
+
+def test_segment_one_reaches_segment_three(tiny):
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    wake_memory(model)
+    ids = random_ids(1, 24, seed=11)
+    other = ids.clone()
+    other[:, :8] = random_ids(1, 8, seed=12)
+    a = forward_segments(model, ids, segment_length=8).logits
+    b = forward_segments(model, other, segment_length=8).logits
+    assert not torch.allclose(a, b)
+    # and without memory the third segment could not know
+    memllm.remove_memory(model)
+    assert torch.equal(model(input_ids=ids[:, 16:]).logits, model(input_ids=other[:, 16:]).logits)
+
+
+def test_update_gate_ablation_changes_the_write(tiny):
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, {**SMALL_LATENT, "update_gate": False})
+    wake_memory(model)
+    out = forward_segments(model, random_ids(1, 24), labels=random_ids(1, 24), segment_length=8)
+    assert torch.isfinite(out.loss)
+
+
+def test_all_padding_segment_leaves_memory_unchanged(tiny):
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    wake_memory(model)
+    ids = random_ids(1, 8)
+    with memllm.memory_session(model) as session:
+        model(input_ids=ids, attention_mask=torch.zeros_like(ids))
+        after_padding = session.state()
+    fresh = memory_layers(model)[1].memory.init_state(1, ids.device, torch.float32)
+    assert torch.equal(after_padding[1], fresh)
+
+
+def test_positions_from_mask():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1], [0, 1, 2, 3]]
+
+
+def test_regularisers_are_loss_terms(tiny):
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, {**SMALL_LATENT, "sparsity_weight": 0.5, "entropy_weight": 0.25})
+    with memllm.memory_session(model) as session:
+        model(input_ids=random_ids(1, 8))
+        aux = session.aux[1]
+        expected = 0.5 * aux["sparsity"] - 0.25 * aux["entropy"]
+        assert torch.allclose(session.aux_loss(), expected)
+        assert aux["loss"].requires_grad
+        diag = session.diagnostics()
+    assert {"layer1/sparsity", "layer1/entropy", "layer1/gate_abs_mean"} <= set(diag)
