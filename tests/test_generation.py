@@ -1,4 +1,4 @@
-"""Generation: memory from the first new token, batched with left padding, prompts past the window."""
+"""Generation: memory from the first new token, left-padded batches, prompts past the window."""
 
 from __future__ import annotations
 
@@ -20,8 +20,14 @@ def test_memory_is_used_from_the_first_generated_token(tiny):
         model(input_ids=ids[:, :8])
         model(input_ids=ids[:, 8:24])
         with session.read_only():
-            out = model.generate(ids[:, 24:], max_new_tokens=3, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+            out = model.generate(
+                ids[:, 24:],
+                max_new_tokens=3,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                pad_token_id=0,
+            )
     assert torch.allclose(out.logits[0], teacher, atol=1e-5)
     bare = model(input_ids=ids[:, 24:])  # fresh memory: what the first token would be without it
     assert not torch.allclose(bare.logits[:, -1], teacher)
@@ -47,9 +53,15 @@ def test_batched_generation_equals_one_at_a_time(tiny):
     model, tokenizer = tiny("llama")
     memllm.inject_memory(model, SMALL_LATENT)
     wake_memory(model)
-    prompts = ["The cat sat on the mat and then " * 3, "Short prompt ", "Mary went to the garden. " * 2]
+    prompts = [
+        "The cat sat on the mat and then " * 3,
+        "Short prompt ",
+        "Mary went to the garden. " * 2,
+    ]
     batched = memllm.generate(model, tokenizer, prompts, segment_length=16, max_new_tokens=6)
-    alone = [memllm.generate(model, tokenizer, p, segment_length=16, max_new_tokens=6) for p in prompts]
+    alone = [
+        memllm.generate(model, tokenizer, p, segment_length=16, max_new_tokens=6) for p in prompts
+    ]
     assert batched == alone
 
 

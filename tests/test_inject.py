@@ -15,7 +15,9 @@ from memllm.inject import MemoryLayer, _find_controller
 def test_bad_layer_index_fails_before_touching_the_model(tiny):
     model, _ = tiny("llama")
     layers_before = list(decoder_stack(model)[1])
-    with pytest.raises(ConfigError, match=r"layer_ids: layer 5 is out of range .* 2 decoder layers"):
+    with pytest.raises(
+        ConfigError, match=r"layer_ids: layer 5 is out of range .* 2 decoder layers"
+    ):
         memllm.inject_memory(model, {**SMALL_LATENT, "layer_ids": [0, 5]})
     assert list(decoder_stack(model)[1]) == layers_before
     assert _find_controller(model) is None
@@ -64,9 +66,12 @@ def test_wrapper_passes_layer_attributes_through(tiny):
 def test_sessions_do_not_nest(tiny):
     model, _ = tiny("llama")
     memllm.inject_memory(model, SMALL_LATENT)
-    with memllm.memory_session(model), pytest.raises(RuntimeError, match="don't nest"):
-        with memllm.memory_session(model):
-            pass
+    with (
+        memllm.memory_session(model),
+        pytest.raises(RuntimeError, match="don't nest"),
+        memllm.memory_session(model),
+    ):
+        pass
 
 
 def test_session_rejects_another_batch_size(tiny):

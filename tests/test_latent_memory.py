@@ -1,4 +1,4 @@
-"""The invariants of DESIGN.md for the gated latent memory, on tiny Llama / GPT-2 / Qwen2 / Gemma3."""
+"""DESIGN.md's invariants for the gated latent memory, on tiny Llama, GPT-2, Qwen2, Gemma3."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_identity_at_init_logits_and_generate(tiny, arch):
-    model, tokenizer = tiny(arch)
+    model, _tokenizer = tiny(arch)
     ids = random_ids(2, 24)
     bare_logits = model(input_ids=ids).logits
     bare_gen = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -37,7 +37,9 @@ def test_identity_at_init_logits_and_generate(tiny, arch):
     assert torch.equal(model(input_ids=ids).logits, bare_logits)
     with memllm.memory_session(model):
         assert torch.equal(model(input_ids=ids).logits, bare_logits)
-    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), bare_gen)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0), bare_gen
+    )
     # the segment-recurrent path too: with a zero gate every segment sees only the backbone
     out = forward_segments(model, ids, segment_length=8)
     bare_last = model(input_ids=ids[:, -8:]).logits
@@ -72,7 +74,7 @@ def test_only_memory_trains(tiny, arch):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
 def test_batch_equals_examples_one_at_a_time(tiny, arch):
-    model, tokenizer = tiny(arch)
+    model, _tokenizer = tiny(arch)
     memllm.inject_memory(model, SMALL_LATENT)
     wake_memory(model)
     long, short = random_ids(1, 37, seed=1), random_ids(1, 19, seed=2)
@@ -80,8 +82,9 @@ def test_batch_equals_examples_one_at_a_time(tiny, arch):
     mask = torch.zeros(2, 37, dtype=torch.long)
     batch[0], mask[0] = long[0], 1
     batch[1, -19:], mask[1, -19:] = short[0], 1  # left padding
-    together = forward_segments(model, batch, mask, labels=batch.masked_fill(mask == 0, -100),
-                                segment_length=8)
+    together = forward_segments(
+        model, batch, mask, labels=batch.masked_fill(mask == 0, -100), segment_length=8
+    )
     alone_long = forward_segments(model, long, labels=long, segment_length=8)
     alone_short = forward_segments(model, short, labels=short, segment_length=8)
     assert torch.allclose(together.logits[0], alone_long.logits[0], atol=1e-5)

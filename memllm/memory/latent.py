@@ -122,9 +122,7 @@ class LatentMemory(nn.Module):
 
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         del dtype  # the memory computes in float32 whatever the backbone's dtype
-        return self.initial_slots.to(device=device, dtype=torch.float32).expand(
-            batch_size, -1, -1
-        )
+        return self.initial_slots.to(device=device, dtype=torch.float32).expand(batch_size, -1, -1)
 
     def slot_importance(self, slots: Tensor) -> Tensor:
         """Importance of each slot in (0, 1): (B, num_slots)."""

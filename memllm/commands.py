@@ -1,0 +1,137 @@
+"""Core commands: ``memllm info`` and ``memllm generate``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from memllm.backbone import DEFAULT_MODEL
+from memllm.errors import ConfigError, MemllmError
+
+
+def memory_config_from_file(path: str | Path):
+    """A memory config from YAML: a bare memory mapping, or a run config's ``memory:`` section."""
+    from memllm.config import load_yaml
+    from memllm.memory import memory_config_from_dict
+
+    data = load_yaml(path)
+    section = data.get("memory", data) if isinstance(data.get("memory"), dict) else data
+    prefix = "memory." if section is not data else ""
+    try:
+        return memory_config_from_dict(section, prefix=prefix)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"alias, local folder, .gguf file or hub id (default: {DEFAULT_MODEL}, bundled)",
+    )
+    parser.add_argument("--gguf-file", help="GGUF file name inside --model (a folder or hub repo)")
+    parser.add_argument("--dtype", default="float32", help="weights dtype (default float32)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cpu)")
+
+
+def load_model_with_memory(args):
+    """The backbone named by ``args``, with the memory of --checkpoint or --memory attached."""
+    import memllm
+
+    model, tokenizer = memllm.load_backbone(
+        args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device
+    )
+    if getattr(args, "checkpoint", None):
+        memllm.load_memory(model, args.checkpoint)
+    elif getattr(args, "memory", None):
+        memllm.inject_memory(model, memory_config_from_file(args.memory))
+    return model, tokenizer
+
+
+def cmd_info(args) -> int:
+    import memllm
+    from memllm.backbone import context_length, decoder_stack, hidden_size, text_config
+    from memllm.inject import memory_layers
+
+    model, _ = load_model_with_memory(args)
+    _, layers = decoder_stack(model)
+    cfg = text_config(model)
+    backbone_params = (
+        sum(p.numel() for p in model.parameters())
+        - sum(p.numel() for p in memllm.memory_parameters(model))
+        if memory_layers(model)
+        else sum(p.numel() for p in model.parameters())
+    )
+    rows = [
+        ("model", args.model),
+        ("architecture", f"{type(model).__name__} (model_type={cfg.model_type})"),
+        ("decoder layers", str(len(layers))),
+        ("hidden size", str(hidden_size(model))),
+        ("context length", str(context_length(model))),
+        ("backbone parameters", f"{backbone_params:,}"),
+    ]
+    placed = memory_layers(model)
+    if placed:
+        config = memllm.memory_config(model)
+        added = sum(p.numel() for p in memllm.memory_parameters(model))
+        rows += [
+            ("memory", f"{config.type} at decoder layers {sorted(placed)}"),
+            ("memory parameters", f"{added:,} ({100 * added / backbone_params:.2f}% of backbone)"),
+        ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import memllm
+
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise MemllmError(f"{path}: prompt file not found")
+        prompt = path.read_text()
+    elif args.prompt is not None:
+        prompt = args.prompt
+    else:
+        prompt = sys.stdin.read()
+    model, tokenizer = load_model_with_memory(args)
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MemllmError(f"--chat: {args.model} has no chat template")
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
+    text = memllm.generate(
+        model,
+        tokenizer,
+        prompt,
+        segment_length=args.segment_length,
+        max_new_tokens=args.max_new_tokens,
+    )
+    print(text)
+    return 0
+
+
+def register(sub) -> None:
+    info = sub.add_parser("info", help="describe a model and, optionally, where memory would go")
+    add_model_args(info)
+    info.add_argument("--memory", help="memory config YAML (a memory mapping or a run config)")
+    info.add_argument("--checkpoint", help="a saved memory folder (memory_config.json + weights)")
+    info.set_defaults(func=cmd_info)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate with memory; prompts longer than a segment are read through the memory",
+    )
+    add_model_args(gen)
+    gen.add_argument("--memory", help="memory config YAML (an untrained memory is the identity)")
+    gen.add_argument("--checkpoint", help="a trained memory folder")
+    gen.add_argument("--prompt", help="the prompt text (default: read standard input)")
+    gen.add_argument("--prompt-file", help="read the prompt from this file")
+    gen.add_argument("--segment-length", type=int, default=512, help="tokens per segment")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.set_defaults(func=cmd_generate)
