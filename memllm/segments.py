@@ -31,6 +31,28 @@ def segment_bounds(length: int, segment_length: int) -> list[tuple[int, int]]:
     return bounds[::-1] or [(0, 0)]
 
 
+def _logits_to_keep(targets: Tensor | None, full: bool) -> int:
+    """How many trailing positions need logits (0 = all, as in transformers).
+
+    The LM head over a 50k vocabulary is a fifth of a small model's forward; segments without
+    labels need none of it, and QA targets sit at the end of the input.
+    """
+    if full:
+        return 0
+    if targets is None:
+        return 1
+    labelled = (targets != -100).any(0).nonzero()
+    if labelled.numel() == 0:
+        return 1
+    return targets.shape[1] - int(labelled[0])
+
+
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
 def positions_from_mask(mask: Tensor) -> Tensor:
     """Position ids that count only real tokens (left padding gets position 0)."""
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -75,7 +97,8 @@ def forward_segments(
             is opened and closed otherwise.
         bptt_segments: truncated back-propagation: gradients flow through the memory across at
             most this many segments (None: through all of them).
-        keep_logits: keep only the last segment's logits (always) — set False to drop even those.
+        keep_logits: return the last segment's full logits; when False, logits are computed only
+            where there are labels (much faster for QA training).
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
@@ -107,15 +130,20 @@ def forward_segments(
             session.detach()
         ids = input_ids[:, start:end]
         mask = attention_mask[:, start:end]
+        seg_targets = targets[:, start:end] if targets is not None else None
+        is_last = k == len(bounds) - 1
+        keep = _logits_to_keep(seg_targets, full=keep_logits and is_last)
+        kwargs = {"logits_to_keep": keep} if keep and _accepts_logits_to_keep(model) else {}
         out = model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions_from_mask(mask),
             use_cache=False,
+            **kwargs,
         )
         aux_losses.append(session.aux_loss())
-        if targets is not None:
-            seg_targets = targets[:, start:end]
+        if seg_targets is not None:
+            seg_targets = seg_targets[:, -out.logits.shape[1] :]
             n = int((seg_targets != -100).sum())
             if n:
                 loss = nn.functional.cross_entropy(
@@ -126,7 +154,7 @@ def forward_segments(
                 )
                 total_loss = loss if total_loss is None else total_loss + loss
                 total_tokens += n
-        logits = out.logits if (keep_logits and k == len(bounds) - 1) else None
+        logits = out.logits if (keep_logits and is_last) else None
     mean_loss = total_loss / total_tokens if total_loss is not None else None
     aux = sum(aux_losses) / len(aux_losses)
     return SegmentOutput(mean_loss, logits, aux, len(bounds), total_tokens)

@@ -174,6 +174,21 @@ def test_segments_equal_the_computation_by_hand(tiny):
     assert out.num_tokens == count
 
 
+def test_loss_only_logits_give_the_same_loss(tiny):
+    """keep_logits=False computes the LM head only where there are labels; same loss."""
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    wake_memory(model)
+    ids = random_ids(2, 30, seed=13)
+    labels = torch.full_like(ids, -100)
+    labels[0, -5:], labels[1, -3:] = ids[0, -5:], ids[1, -3:]  # answer tokens at the end
+    full = forward_segments(model, ids, labels=labels, segment_length=8)
+    lean = forward_segments(model, ids, labels=labels, segment_length=8, keep_logits=False)
+    assert lean.logits is None
+    assert torch.allclose(full.loss, lean.loss, atol=1e-6)
+    assert full.num_tokens == lean.num_tokens == 6
+
+
 def test_segment_one_reaches_segment_three(tiny):
     model, _ = tiny("llama")
     memllm.inject_memory(model, SMALL_LATENT)
