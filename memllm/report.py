@@ -1,0 +1,1303 @@
+"""Experiment results: one schema, a Markdown report, plots and a console table.
+
+An experiment runs several *arms* (``base``, ``window``, ``finetuned``, ``latent``, ``neural``,
+ablations) on the same evaluation examples. Each arm's per-example metric values become a result
+with 95 % intervals (:func:`build_arm_result`), the arms are compared pairwise on the same
+examples against the reference arms (:func:`add_comparisons`), and :func:`write_results` writes::
+
+    <output_dir>/results.json    the numbers (schema below), per-example values included
+    <output_dir>/results.md      tables, notes and the embedded plots
+    <output_dir>/plots/*.png     heat-map, metric vs length, metrics per arm, training, memory
+
+``results.json``::
+
+    {"experiment": {"name", "config", "seed", "created", "memllm_version", "device", "notes",
+                    "primary_metric", "schema_version"},
+     "arms": {arm: {"name", "description",
+                    "metrics": {metric: {"value", "ci95": [low, high], "n", "method"}},
+                    "groups": {"qa1/2k": {metric: {...}}},
+                    "lengths": {"2k": {metric: {...}}},            # when groups carry lengths
+                    "comparisons": {"vs_base": {metric: paired_test(...)}, "vs_window": {...}},
+                    "comparisons_by_length": {"vs_base": {"2k": {metric: paired_test(...)}}},
+                    "wall_time_s", "train_time_s", "eval_time_s", "trainable_params", "seed",
+                    "train_log", "example_ids", "example_groups", "per_example": {metric: [...]},
+                    "extra"}}}
+
+Typical use, in the experiment runner::
+
+    arms = [build_arm_result("base", {"accuracy": acc}, groups, example_ids=ids, eval_time_s=t),
+            build_arm_result("latent", ..., train_log="runs/latent/log.jsonl")]
+    results = add_comparisons(make_results(experiment_info("babilong", config, seed), arms))
+    write_results("runs/exp1", results)
+    print(format_table(results))
+
+Values are stored as fractions (0.617); tables show metrics whose values all lie in [0, 1] as
+percentages (61.7) and their differences in percentage points. ``NaN`` is written as ``null``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memllm.errors import DataError
+from memllm.stats import ALPHA, Kind, paired_test, resolve_kind, summarize
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+REFERENCE_ARMS = ("base", "window")
+PRIMARY_METRICS = ("accuracy", "f1", "joint_f1", "em", "exact_match", "token_acc", "seq_acc")
+"""The first of these that an experiment reports is its primary metric (unless set)."""
+
+ARM_DESCRIPTIONS = {
+    "base": "backbone alone, whole input in its context window",
+    "window": "backbone alone, sees only the last segment (what fits without memory)",
+    "finetuned": "backbone + LoRA trained on the same data, no memory",
+    "latent": "gated latent memory (G-MemLLM) read segment by segment",
+    "neural": "Titans neural memory (test-time gradient updates) read segment by segment",
+}
+"""Default descriptions, used when an arm is built without one."""
+
+_LOG_AXIS_KEYS = (
+    "step",
+    "global_step",
+    "epoch",
+    "time",
+    "time_s",
+    "elapsed",
+    "elapsed_s",
+    "wall_time",
+    "kind",
+)
+_EVAL_KINDS = ("eval", "val", "validation")
+_REFERENCE_COLOURS = {"base": "#3a3a3a", "window": "#9a9a9a"}
+
+
+# --------------------------------------------------------------------------------------------
+# Building results
+# --------------------------------------------------------------------------------------------
+
+
+def experiment_info(
+    name: str,
+    config: Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    *,
+    device: str | None = None,
+    notes: Iterable[str] = (),
+    primary_metric: str | None = None,
+    created: str | None = None,
+) -> dict[str, Any]:
+    """The ``experiment`` block of a results file.
+
+    Args:
+        name: experiment name (the report's title).
+        config: the run config as a plain dict (stored verbatim).
+        seed: the experiment's seed.
+        device: where it ran; detected from torch when omitted.
+        notes: facts a reader needs, e.g. ``"base: inputs above the window truncated from the
+            left, question kept"``.
+        primary_metric: the metric plotted and ranked by; the first of
+            :data:`PRIMARY_METRICS` present when omitted.
+        created: ISO time stamp; now (UTC) when omitted.
+    """
+    from memllm import __version__
+
+    return {
+        "name": str(name),
+        "config": dict(config or {}),
+        "seed": seed,
+        "created": created or _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "memllm_version": __version__,
+        "device": device or _detect_device(),
+        "notes": [str(n) for n in notes],
+        "primary_metric": primary_metric,
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+def _detect_device() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda ({torch.cuda.get_device_name(0)})"
+    except Exception:  # torch missing or a broken driver: the report still gets written
+        return "unknown"
+    return "cpu"
+
+
+def build_arm_result(
+    name: str,
+    per_example: Mapping[str, Sequence[float]],
+    groups: Sequence[str | Sequence[str]] | None = None,
+    *,
+    example_ids: Sequence[Any] | None = None,
+    description: str | None = None,
+    wall_time_s: float | None = None,
+    train_time_s: float | None = None,
+    eval_time_s: float | None = None,
+    trainable_params: int | None = None,
+    seed: int | None = None,
+    train_log: str | Path | Sequence[Mapping[str, Any]] | None = None,
+    kinds: Mapping[str, Kind] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    bootstrap_seed: int = 0,
+) -> dict[str, Any]:
+    """One arm's result: every metric overall and per group, with 95 % intervals.
+
+    Args:
+        name: arm name (``base``, ``window``, ``latent``, ...).
+        per_example: metric name → one value per evaluation example, all the same length.
+        groups: one group per example, e.g. ``"qa1/2k"`` (task/length) or ``("qa1", "2k")``.
+        example_ids: one id per example; used to pair arms in :func:`add_comparisons`. Defaults
+            to the example's position (then arms pair by order).
+        description: what the arm is; :data:`ARM_DESCRIPTIONS` has defaults.
+        wall_time_s: total wall time of the arm.
+        train_time_s: training time (``None`` for arms that do not train).
+        eval_time_s: evaluation time.
+        trainable_params: number of trained parameters (0 for frozen baselines).
+        seed: the arm's seed.
+        train_log: the training log (a JSONL path, or its records) for the training plots.
+        kinds: metric → ``"binary"`` / ``"continuous"`` to override the auto-detection.
+        extra: anything else worth keeping (JSON-serialisable).
+        confidence: interval level.
+        n_resamples: bootstrap resamples for continuous metrics.
+        bootstrap_seed: bootstrap seed.
+
+    Raises:
+        DataError: lengths that disagree, duplicate example ids or non-finite values.
+    """
+    if not per_example:
+        raise DataError(f"arm {name!r}: no metrics")
+    values = {}
+    n = None
+    for metric, vals in per_example.items():
+        arr = np.asarray(vals, dtype=np.float64).reshape(-1)
+        if n is None:
+            n = arr.size
+        if arr.size != n:
+            raise DataError(
+                f"arm {name!r}: metric {metric!r} has {arr.size} values, "
+                f"{next(iter(per_example))!r} has {n}"
+            )
+        if not np.all(np.isfinite(arr)):
+            bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+            raise DataError(f"arm {name!r}: metric {metric!r} is {arr[bad]} at example {bad}")
+        values[str(metric)] = arr
+    assert n is not None
+    ids = [str(i) for i in range(n)] if example_ids is None else [str(i) for i in example_ids]
+    if len(ids) != n:
+        raise DataError(f"arm {name!r}: {len(ids)} example ids for {n} examples")
+    if len(set(ids)) != n:
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise DataError(f"arm {name!r}: example id {dup!r} appears more than once")
+    group_keys = None
+    if groups is not None:
+        if len(groups) != n:
+            raise DataError(f"arm {name!r}: {len(groups)} groups for {n} examples")
+        group_keys = [g if isinstance(g, str) else "/".join(str(p) for p in g) for g in groups]
+
+    kinds = dict(kinds or {})
+    unknown = set(kinds) - set(values)
+    if unknown:
+        raise DataError(f"arm {name!r}: kinds given for unknown metrics {sorted(unknown)}")
+    stat_args = {"confidence": confidence, "n_resamples": n_resamples, "seed": bootstrap_seed}
+    metrics: dict[str, Any] = {}
+    resolved: dict[str, str] = {}
+    for metric, arr in values.items():
+        resolved[metric] = resolve_kind(kinds.get(metric, "auto"), arr)
+        metrics[metric] = summarize(arr, resolved[metric], **stat_args)
+
+    group_results: dict[str, Any] = {}
+    if group_keys is not None:
+        members: dict[str, list[int]] = {}
+        for i, key in enumerate(group_keys):
+            members.setdefault(key, []).append(i)
+        for key in sorted(members, key=group_sort_key):
+            idx = np.asarray(members[key])
+            group_results[key] = {
+                metric: summarize(arr[idx], resolved[metric], **stat_args)
+                for metric, arr in values.items()
+            }
+
+    if train_log is not None and not isinstance(train_log, (str, Path)):
+        train_log = [dict(r) for r in train_log]
+    elif train_log is not None:
+        train_log = str(train_log)
+    arm = {
+        "name": str(name),
+        "description": description if description is not None else ARM_DESCRIPTIONS.get(name, ""),
+        "metrics": metrics,
+        "groups": group_results,
+        "comparisons": {},
+        "wall_time_s": wall_time_s,
+        "train_time_s": train_time_s,
+        "eval_time_s": eval_time_s,
+        "trainable_params": trainable_params,
+        "seed": seed,
+        "train_log": train_log,
+        "example_ids": ids,
+        "example_groups": group_keys,
+        "per_example": {m: arr.tolist() for m, arr in values.items()},
+        "extra": dict(extra or {}),
+    }
+    arm["lengths"] = length_summaries(arm, **stat_args)
+    return arm
+
+
+def make_results(experiment: Mapping[str, Any], arms: Iterable[Mapping[str, Any]]) -> dict:
+    """``{"experiment": ..., "arms": {name: arm}}`` from arm results, in the given order."""
+    out: dict[str, Any] = {"experiment": dict(experiment), "arms": {}}
+    for arm in arms:
+        if arm["name"] in out["arms"]:
+            raise DataError(f"arm {arm['name']!r} given twice")
+        out["arms"][arm["name"]] = dict(arm)
+    return out
+
+
+def _alignment(arm: Mapping[str, Any], ref: Mapping[str, Any]) -> np.ndarray:
+    """Index into ``ref``'s examples for each of ``arm``'s examples; a clear error otherwise."""
+    ids, ref_ids = list(arm["example_ids"]), list(ref["example_ids"])
+    if ids == ref_ids:
+        return np.arange(len(ids))
+    only_arm = [i for i in ids if i not in set(ref_ids)]
+    only_ref = [i for i in ref_ids if i not in set(ids)]
+    if only_arm or only_ref:
+        raise DataError(
+            f"arms {arm['name']!r} and {ref['name']!r} were not evaluated on the same examples: "
+            f"{len(only_arm)} ids only in {arm['name']!r} {only_arm[:3]}, "
+            f"{len(only_ref)} only in {ref['name']!r} {only_ref[:3]}"
+        )
+    position = {eid: k for k, eid in enumerate(ref_ids)}
+    return np.asarray([position[i] for i in ids])
+
+
+def add_comparisons(
+    results: dict[str, Any],
+    reference_arms: Sequence[str] = REFERENCE_ARMS,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    alpha: float = ALPHA,
+) -> dict[str, Any]:
+    """Paired tests of every arm against each reference arm, on the same examples.
+
+    Examples are matched by id (order may differ). For each arm ``a`` and reference ``r``
+    present in ``results``, ``a["comparisons"]["vs_" + r][metric]`` is
+    :func:`memllm.stats.paired_test` of ``a`` minus ``r``. A reference arm is compared only with
+    the references listed before it (``window`` vs ``base``, not also ``base`` vs ``window``).
+    Binary metrics use the exact McNemar test, continuous ones a sign-flip permutation test; the
+    difference's interval is a paired bootstrap. When the examples carry input lengths, the
+    same tests per length go to ``a["comparisons_by_length"]["vs_" + r][length][metric]``.
+
+    Returns:
+        ``results``, changed in place.
+
+    Raises:
+        DataError: two arms that do not share exactly the same example ids.
+    """
+    arms = results["arms"]
+    present = [r for r in reference_arms if r in arms]
+    if len(present) < len(reference_arms):
+        missing = [r for r in reference_arms if r not in arms]
+        logger.info("no reference arm %s in these results; not compared", missing)
+    test_args = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed, "alpha": alpha}
+    for name, arm in arms.items():
+        arm["comparisons"] = {}
+        arm["comparisons_by_length"] = {}
+        refs = present[: present.index(name)] if name in present else present
+        length_index = _length_axis(sorted(set(arm.get("example_groups") or [])))
+        for ref_name in refs:
+            ref = arms[ref_name]
+            order = _alignment(arm, ref)
+            tests, by_length = {}, {}
+            for metric, vals in arm["per_example"].items():
+                if metric not in ref["per_example"]:
+                    continue
+                a = np.asarray(vals, dtype=np.float64)
+                b = np.asarray(ref["per_example"][metric], dtype=np.float64)[order]
+                methods = {
+                    arm["metrics"][metric].get("method"),
+                    ref["metrics"][metric].get("method"),
+                }
+                kind = "binary" if methods == {"wilson"} else "continuous"
+                tests[metric] = paired_test(a, b, kind, **test_args)
+                if length_index is None:
+                    continue
+                lengths = np.asarray([g.split("/")[length_index] for g in arm["example_groups"]])
+                for length in sorted(set(lengths), key=lambda x: parse_length(x) or 0.0):
+                    mask = lengths == length
+                    by_length.setdefault(length, {})[metric] = paired_test(
+                        a[mask], b[mask], kind, **test_args
+                    )
+            arm["comparisons"][f"vs_{ref_name}"] = tests
+            if by_length:
+                arm["comparisons_by_length"][f"vs_{ref_name}"] = by_length
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and writing
+# --------------------------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN/inf → None, numpy scalars and arrays → Python, paths → str."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    """Read ``results.json`` (or the folder holding it); ``null`` numbers stay ``None``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        DataError: not a memllm results file.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("arms"), dict):
+        raise DataError(f"{path}: not a memllm results file (no 'arms' mapping)")
+    if not isinstance(data.get("experiment"), dict):
+        raise DataError(f"{path}: not a memllm results file (no 'experiment' mapping)")
+    for name, arm in data["arms"].items():
+        if not isinstance(arm, dict) or not isinstance(arm.get("metrics"), dict):
+            raise DataError(f"{path}: arm {name!r} has no 'metrics' mapping")
+    return data
+
+
+def write_results(
+    output_dir: str | Path, results: Mapping[str, Any], *, plots: bool = True
+) -> dict[str, Any]:
+    """Write ``results.json``, ``results.md`` and ``plots/*.png`` into ``output_dir``.
+
+    Args:
+        output_dir: folder, created if needed.
+        results: ``{"experiment": ..., "arms": ...}`` (see the module docstring).
+        plots: draw the plots (each is skipped cleanly when its data is absent).
+
+    Returns:
+        ``{"json": Path, "markdown": Path, "plots": [Path, ...]}``.
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path = out / "results.json"
+    clean = _jsonable(results)
+    json_path.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
+    figures: list[tuple[str, str, str]] = []
+    if plots:
+        figures = draw_plots(clean, out)
+    md_path = out / "results.md"
+    md_path.write_text(render_markdown(clean, figures))
+    logger.info("wrote %s, %s and %d plots", json_path, md_path, len(figures))
+    return {"json": json_path, "markdown": md_path, "plots": [out / f[1] for f in figures]}
+
+
+# --------------------------------------------------------------------------------------------
+# Group keys: natural order, task/length structure
+# --------------------------------------------------------------------------------------------
+
+_LENGTH_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kKmMgG]?)$")
+_LENGTH_UNITS = {"": 1.0, "k": 1e3, "m": 1e6, "g": 1e9}
+
+
+def parse_length(text: str) -> float | None:
+    """``"16k"`` → 16000.0, ``"1M"`` → 1e6, ``"512"`` → 512.0; ``None`` if not a length."""
+    match = _LENGTH_RE.match(str(text).strip())
+    if not match:
+        return None
+    return float(match.group(1)) * _LENGTH_UNITS[match.group(2).lower()]
+
+
+def _natural_key(text: str) -> tuple:
+    parts = re.split(r"(\d+)", str(text))
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p.lower()) for p in parts if p)
+
+
+def group_sort_key(key: str) -> tuple:
+    """Sort key for group keys such as ``"qa10/128k"``: lengths by size, names naturally."""
+    out = []
+    for part in str(key).split("/"):
+        length = parse_length(part)
+        out.append((0, length, ()) if length is not None else (1, 0.0, _natural_key(part)))
+    return tuple(out)
+
+
+def _length_axis(keys: Sequence[str]) -> int | None:
+    """Index of the ``/``-separated component that is a length in every key (the last one)."""
+    split = [str(k).split("/") for k in keys]
+    if not split or len({len(s) for s in split}) != 1:
+        return None
+    for index in reversed(range(len(split[0]))):
+        if all(parse_length(s[index]) is not None for s in split):
+            return index
+    return None
+
+
+def _task_length(keys: Sequence[str]) -> tuple[list[str], list[str]] | None:
+    """``(tasks, lengths)`` in natural order when every key is ``task/length``."""
+    if not keys or _length_axis(keys) != 1 or any(k.count("/") != 1 for k in keys):
+        return None
+    tasks = sorted({k.split("/")[0] for k in keys}, key=_natural_key)
+    lengths = sorted({k.split("/")[1] for k in keys}, key=lambda x: parse_length(x) or 0.0)
+    return tasks, lengths
+
+
+def length_summaries(
+    arm: Mapping[str, Any], confidence: float = 0.95, n_resamples: int = 10_000, seed: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Each metric pooled over the examples of each input length (all tasks together).
+
+    Empty when the arm's groups have no length component. Uses each metric's own method.
+    """
+    keys = arm.get("example_groups")
+    index = _length_axis(sorted(set(keys))) if keys else None
+    if index is None:
+        return {}
+    members: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key.split("/")[index], []).append(i)
+    out = {}
+    for length in sorted(members, key=lambda x: parse_length(x) or 0.0):
+        idx = np.asarray(members[length])
+        out[length] = {}
+        for metric, vals in arm["per_example"].items():
+            kind = "binary" if arm["metrics"][metric].get("method") == "wilson" else "continuous"
+            out[length][metric] = summarize(
+                np.asarray(vals, dtype=np.float64)[idx],
+                kind,
+                confidence=confidence,
+                n_resamples=n_resamples,
+                seed=seed,
+            )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+
+def _missing(x: Any) -> bool:
+    return x is None or (isinstance(x, float) and not math.isfinite(x))
+
+
+def metric_names(results: Mapping[str, Any]) -> list[str]:
+    """Every metric of every arm, in first-seen order."""
+    names: list[str] = []
+    for arm in results["arms"].values():
+        names += [m for m in arm["metrics"] if m not in names]
+    return names
+
+
+def primary_metric(results: Mapping[str, Any]) -> str | None:
+    """The experiment's ``primary_metric``, else the first of :data:`PRIMARY_METRICS` present."""
+    names = metric_names(results)
+    chosen = results.get("experiment", {}).get("primary_metric")
+    if chosen in names:
+        return chosen
+    return next((m for m in PRIMARY_METRICS if m in names), names[0] if names else None)
+
+
+def percent_metrics(results: Mapping[str, Any]) -> set[str]:
+    """Metrics shown as percentages: every value and interval end of every arm in [0, 1]."""
+    out = set()
+    for metric in metric_names(results):
+        numbers = []
+        for arm in results["arms"].values():
+            s = arm["metrics"].get(metric)
+            if s:
+                numbers += [x for x in [s["value"], *s["ci95"]] if not _missing(x)]
+        if numbers and all(0.0 <= x <= 1.0 for x in numbers):
+            out.add(metric)
+    return out
+
+
+def _fmt_num(x: Any, pct: bool) -> str:
+    if _missing(x):
+        return "–"
+    if pct:
+        return f"{100 * x:.1f}"
+    return f"{x:.3f}" if abs(x) < 100 else f"{x:.1f}"
+
+
+def _fmt_summary(s: Mapping[str, Any] | None, pct: bool) -> str:
+    if not s or _missing(s.get("value")):
+        return "–"
+    low, high = s["ci95"]
+    return f"{_fmt_num(s['value'], pct)} [{_fmt_num(low, pct)}, {_fmt_num(high, pct)}]"
+
+
+def _fmt_diff(x: Any, pct: bool) -> str:
+    if _missing(x):
+        return "–"
+    text = _fmt_num(x, pct)
+    return text if text.startswith("-") else f"+{text}"
+
+
+def _fmt_delta_cell(t: Mapping[str, Any] | None, pct: bool) -> str:
+    if not t:
+        return "–"
+    low, high = t["ci95"]
+    mark = "✓" if t["significant"] else "✗"
+    return f"{_fmt_diff(t['diff'], pct)} [{_fmt_num(low, pct)}, {_fmt_num(high, pct)}] {mark}"
+
+
+def _fmt_p(p: Any) -> str:
+    if _missing(p):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _fmt_count(n: Any) -> str:
+    if _missing(n):
+        return "–"
+    n = int(n)
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit} ({n:,})"
+    return f"{n:,}"
+
+
+def _fmt_seconds(s: Any) -> str:
+    if _missing(s):
+        return "–"
+    s = float(s)
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        return f"{int(s // 60)} min {int(s % 60):02d} s"
+    return f"{int(s // 3600)} h {int(s % 3600 // 60):02d} min"
+
+
+def _md_table(
+    headers: Sequence[str], rows: Sequence[Sequence[str]], align: str | None = None
+) -> str:
+    """A Markdown table; ``align`` has one letter per column (l, r, c), default ``lrrr...``."""
+
+    def esc(cell: str) -> str:
+        return str(cell).replace("|", "\\|")
+
+    letters = align or "l" + "r" * (len(headers) - 1)
+    marks = {"l": "---", "r": "---:", "c": ":---:"}
+    align = [marks[c] for c in letters]
+    lines = ["| " + " | ".join(esc(h) for h in headers) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _metric_header(metric: str, pct: set[str]) -> str:
+    return f"{metric} (%)" if metric in pct else metric
+
+
+def _comparison_rows(results: Mapping[str, Any], pct: set[str]) -> list[list[str]]:
+    rows = []
+    for name, arm in results["arms"].items():
+        for ref_key, tests in arm.get("comparisons", {}).items():
+            for metric, t in tests.items():
+                low, high = t["ci95"]
+                rows.append(
+                    [
+                        name,
+                        ref_key.removeprefix("vs_"),
+                        metric,
+                        _fmt_diff(t["diff"], metric in pct),
+                        f"[{_fmt_num(low, metric in pct)}, {_fmt_num(high, metric in pct)}]",
+                        _fmt_p(t["p_value"]),
+                        t["test"],
+                        "✓" if t["significant"] else "✗",
+                    ]
+                )
+    return rows
+
+
+_HOW_TO_READ = """\
+Each cell is **value [95 % confidence interval]** over the evaluation examples; *n* is their
+number. Metrics whose values are fractions (accuracy, exact match, F1) are shown in percent.
+Accuracies and other 0/1 metrics use the Wilson score interval; continuous metrics (F1, token
+accuracy) a percentile bootstrap of the mean. Every arm ran on the **same examples**, so arms are
+compared **paired**, example by example, against the reference arms (`base`: the backbone with
+the whole input in its window; `window`: the backbone seeing only the last segment): Δ is the arm
+minus the reference (percentage points for percent metrics) with the paired-bootstrap 95 %
+interval of the mean difference; p is two-sided, from the exact McNemar test on the examples where
+the two arms disagree (0/1 metrics) or a sign-flip permutation test on the per-example differences
+(continuous metrics). ✓ means p < {alpha}: a difference this large would be unlikely if the two
+arms were equally good. There is no correction for the number of comparisons; with many arms and
+metrics, expect about one in twenty ✓ by chance when nothing differs. Overlapping intervals of two
+arms do not by themselves mean "no difference": use the paired comparison."""
+
+
+def render_markdown(
+    results: Mapping[str, Any], figures: Sequence[tuple[str, str, str]] = ()
+) -> str:
+    """The Markdown report: tables, notes and ``figures`` (title, relative path, caption)."""
+    exp = results.get("experiment", {})
+    arms = results["arms"]
+    metrics = metric_names(results)
+    pct = percent_metrics(results)
+    primary = primary_metric(results)
+    out = [f"# Results: {exp.get('name', 'experiment')}", ""]
+    facts = [
+        f"created {exp.get('created', '–')}",
+        f"memllm {exp.get('memllm_version', '–')}",
+        f"device {exp.get('device', '–')}",
+        f"seed {exp.get('seed', '–')}",
+    ]
+    if primary:
+        facts.append(f"primary metric **{primary}**")
+    out += [" · ".join(facts), "", "## How to read this report", ""]
+    out += [_HOW_TO_READ.format(alpha=ALPHA), ""]
+
+    out += ["## Arms", ""]
+    for name, arm in arms.items():
+        desc = arm.get("description") or ARM_DESCRIPTIONS.get(name, "")
+        out.append(f"- **{name}**" + (f": {desc}" if desc else ""))
+    out.append("")
+
+    out += ["## Main results", ""]
+    rows = []
+    for name, arm in arms.items():
+        ns = {s["n"] for s in arm["metrics"].values()}
+        rows.append(
+            [name, "/".join(str(n) for n in sorted(ns))]
+            + [_fmt_summary(arm["metrics"].get(m), m in pct) for m in metrics]
+        )
+    out += [_md_table(["arm", "n", *(_metric_header(m, pct) for m in metrics)], rows), ""]
+
+    comparison_rows = _comparison_rows(results, pct)
+    if comparison_rows:
+        out += ["## Paired comparisons", ""]
+        headers = ["arm", "vs", "metric", "Δ", "95% CI of Δ", "p", "test", f"p < {ALPHA}"]
+        out += [_md_table(headers, comparison_rows, align="lllrrrlc"), ""]
+
+    by_length = {name: arm.get("lengths") or {} for name, arm in arms.items()}
+    lengths = sorted(
+        {length for summary in by_length.values() for length in summary},
+        key=lambda x: parse_length(x) or 0.0,
+    )
+    if primary and len(lengths) > 1:
+        out += [f"## {primary} by input length (all tasks pooled)", ""]
+        rows = [
+            [name]
+            + [
+                _fmt_summary(by_length[name].get(le, {}).get(primary), primary in pct)
+                for le in lengths
+            ]
+            for name in arms
+        ]
+        out += [_md_table(["arm", *lengths], rows), ""]
+        rows = []
+        for name, arm in arms.items():
+            for ref_key, per_length in (arm.get("comparisons_by_length") or {}).items():
+                cells = []
+                for le in lengths:
+                    t = per_length.get(le, {}).get(primary)
+                    cells.append(_fmt_delta_cell(t, primary in pct))
+                rows.append([name, ref_key.removeprefix("vs_"), *cells])
+        if rows:
+            out += [
+                f"**Δ {primary} by input length** (paired, same examples; ✓ p < {ALPHA})",
+                "",
+                _md_table(["arm", "vs", *lengths], rows, align="ll" + "r" * len(lengths)),
+                "",
+            ]
+
+    group_keys = sorted(
+        {g for arm in arms.values() for g in arm.get("groups", {})}, key=group_sort_key
+    )
+    if len(group_keys) > 1:
+        out += ["## Per group", ""]
+        first = next(iter(arms.values()))
+        for metric in metrics:
+            out += [f"**{_metric_header(metric, pct)}**", ""]
+            rows = []
+            for key in group_keys:
+                n = first.get("groups", {}).get(key, {}).get(metric, {}).get("n", "–")
+                cells = [
+                    _fmt_summary(arm.get("groups", {}).get(key, {}).get(metric), metric in pct)
+                    for arm in arms.values()
+                ]
+                rows.append([key, str(n), *cells])
+            out += [_md_table(["group", "n", *arms], rows), ""]
+
+    out += ["## Cost", ""]
+    rows = [
+        [
+            name,
+            _fmt_count(arm.get("trainable_params")),
+            _fmt_seconds(arm.get("train_time_s")),
+            _fmt_seconds(arm.get("eval_time_s")),
+            _fmt_seconds(arm.get("wall_time_s")),
+            "–" if arm.get("seed") is None else str(arm["seed"]),
+        ]
+        for name, arm in arms.items()
+    ]
+    headers = ["arm", "trainable params", "train time", "eval time", "wall time", "seed"]
+    out += [_md_table(headers, rows), ""]
+
+    notes = exp.get("notes") or []
+    if notes:
+        out += ["## Notes", ""] + [f"- {note}" for note in notes] + [""]
+
+    if figures:
+        out += ["## Plots", ""]
+        for title, path, caption in figures:
+            out += [f"### {title}", "", f"![{title}]({path})", ""]
+            if caption:
+                out += [caption, ""]
+
+    if exp.get("config"):
+        out += ["## Config", "", "<details><summary>run config</summary>", "", "```json"]
+        out += [json.dumps(exp["config"], indent=2, default=str), "```", "", "</details>", ""]
+    return "\n".join(out)
+
+
+def format_table(results: Mapping[str, Any]) -> str:
+    """Plain-text tables for the console: metrics per arm, then the paired comparisons."""
+    metrics = metric_names(results)
+    pct = percent_metrics(results)
+    rows = [["arm", "n", *(_metric_header(m, pct) for m in metrics), "trainable"]]
+    for name, arm in results["arms"].items():
+        ns = sorted({s["n"] for s in arm["metrics"].values()})
+        params = arm.get("trainable_params")
+        rows.append(
+            [name, "/".join(map(str, ns))]
+            + [_fmt_summary(arm["metrics"].get(m), m in pct) for m in metrics]
+            + ["–" if _missing(params) else _fmt_count(params).split(" (")[0]]
+        )
+    text = _align_columns(rows)
+    comparison_rows = _comparison_rows(results, pct)
+    if comparison_rows:
+        header = ["arm", "vs", "metric", "Δ", "95% CI", "p", "test", "sig"]
+        text += "\n\n" + _align_columns([header, *comparison_rows])
+    return text
+
+
+def _align_columns(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for k, row in enumerate(rows):
+        cells = [
+            str(c).ljust(w) if i == 0 or k == 0 or not _numeric_cell(c) else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+        if k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _numeric_cell(cell: str) -> bool:
+    return str(cell) == "–" or bool(re.match(r"^[+\-<]?\d", str(cell)))
+
+
+# --------------------------------------------------------------------------------------------
+# Plots (matplotlib's object API with the Agg canvas: no pyplot, no global backend change)
+# --------------------------------------------------------------------------------------------
+
+
+def _arm_colours(names: Sequence[str]) -> dict[str, Any]:
+    """Grey for the reference arms, the tab10 colours (minus grey) for the others."""
+    from matplotlib import colormaps
+
+    palette = [c for i, c in enumerate(colormaps["tab10"].colors) if i != 7]
+    out, k = {}, 0
+    for name in names:
+        if name in _REFERENCE_COLOURS:
+            out[name] = _REFERENCE_COLOURS[name]
+        else:
+            out[name] = palette[k % len(palette)]
+            k += 1
+    return out
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=110, layout="constrained")
+
+
+def _save(fig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", facecolor="white")
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "arm"
+
+
+def draw_plots(results: Mapping[str, Any], output_dir: str | Path) -> list[tuple[str, str, str]]:
+    """Every plot whose data is present, as PNGs under ``output_dir/plots``.
+
+    Returns:
+        ``(title, path relative to output_dir, caption)`` per plot written.
+    """
+    out = Path(output_dir)
+    logs = {name: _arm_log(arm, out) for name, arm in results["arms"].items()}
+    figures: list[tuple[str, str, str]] = []
+    for draw in (_plot_metrics, _plot_heatmap, _plot_by_length, _plot_training, _plot_memory):
+        try:
+            figures += draw(results, out, logs)
+        except Exception:  # one broken plot must not lose the report
+            logger.warning(
+                "plot %s failed; the report is written without it", draw.__name__[6:], exc_info=True
+            )
+    return figures
+
+
+def _plot_metrics(
+    results: Mapping[str, Any], out: Path, logs: Mapping[str, list]
+) -> list[tuple[str, str, str]]:
+    """(e) Bars per arm with 95 % intervals, one panel per metric (primary first)."""
+    arms = list(results["arms"])
+    metrics = metric_names(results)
+    primary = primary_metric(results)
+    if not arms or not metrics:
+        return []
+    metrics = [primary] + [m for m in metrics if m != primary]
+    pct = percent_metrics(results)
+    colours = _arm_colours(arms)
+    fig = _figure(max(4.0, 0.55 * len(arms) + 1.6) * len(metrics), 3.8)
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    for ax, metric in zip(axes, metrics, strict=True):
+        scale = 100.0 if metric in pct else 1.0
+        names, values, lows, highs = [], [], [], []
+        for name in arms:
+            s = results["arms"][name]["metrics"].get(metric)
+            if not s or _missing(s["value"]):
+                continue
+            names.append(name)
+            values.append(s["value"] * scale)
+            low, high = (np.nan if _missing(x) else x * scale for x in s["ci95"])
+            lows.append(values[-1] - low)
+            highs.append(high - values[-1])
+        x = np.arange(len(names))
+        ax.bar(x, values, color=[colours[n] for n in names], width=0.7)
+        ax.errorbar(x, values, yerr=[lows, highs], fmt="none", ecolor="black", capsize=4, lw=1)
+        for xi, v, h in zip(x, values, highs, strict=True):
+            ax.annotate(
+                f"{v:.1f}" if scale == 100 else f"{v:.3g}",
+                (xi, v + (h if np.isfinite(h) else 0)),
+                xytext=(0, 3),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
+        ax.set_xticks(
+            x,
+            names,
+            rotation=30 if len(names) > 4 else 0,
+            ha="right" if len(names) > 4 else "center",
+        )
+        ax.set_ylabel(_metric_header(metric, pct))
+        ax.set_title(metric + (" (primary)" if metric == primary and len(metrics) > 1 else ""))
+        if scale == 100:
+            tops = [v + h for v, h in zip(values, highs, strict=True) if np.isfinite(h)]
+            top = max([*tops, 1.0])
+            ax.set_ylim(0, min(110.0, top * 1.15 + 2))
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+    fig.suptitle("Metrics per arm (error bars: 95% CI)")
+    path = out / "plots" / "metrics.png"
+    _save(fig, path)
+    return [
+        (
+            "Metrics per arm",
+            "plots/metrics.png",
+            "Bars: mean over all examples; error bars: 95% CI.",
+        )
+    ]
+
+
+def _plot_heatmap(
+    results: Mapping[str, Any], out: Path, logs: Mapping[str, list]
+) -> list[tuple[str, str, str]]:
+    """(a) BabiLong-style task × length heat-map of the primary metric, one panel per arm."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    metric = primary_metric(results)
+    arms = [a for a in results["arms"] if results["arms"][a].get("groups")]
+    keys = sorted({g for a in arms for g in results["arms"][a]["groups"]}, key=group_sort_key)
+    layout = _task_length(keys)
+    if metric is None or layout is None:
+        return []
+    tasks, lengths = layout
+    pct = metric in percent_metrics(results)
+    scale = 100.0 if pct else 1.0
+    grids = {}
+    for name in arms:
+        grid = np.full((len(tasks), len(lengths)), np.nan)
+        for key, summ in results["arms"][name]["groups"].items():
+            task, length = key.split("/")
+            s = summ.get(metric)
+            if s and not _missing(s["value"]):
+                grid[tasks.index(task), lengths.index(length)] = s["value"] * scale
+        grids[name] = grid
+    if pct:
+        norm = Normalize(0.0, 100.0)
+    else:
+        finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
+        if finite.size == 0:
+            return []
+        norm = Normalize(float(finite.min()), float(finite.max()) or 1.0)
+    cmap = colormaps["RdYlGn"].with_extremes(bad="#dddddd")
+    cell_w, cell_h = 0.62, 0.42
+    panel_w = cell_w * len(lengths) + 0.9
+    # Side by side like the benchmark's figure, wrapping only past ~24 inches.
+    ncols = max(1, min(len(arms), int(24 // panel_w)))
+    nrows = math.ceil(len(arms) / ncols)
+    fig = _figure(ncols * panel_w + 1.6, nrows * (cell_h * len(tasks) + 1.1) + 0.6)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    image = None
+    for k, ax in enumerate(axes.flat):
+        if k >= len(arms):
+            ax.set_visible(False)
+            continue
+        name = arms[k]
+        grid = grids[name]
+        image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            if np.isfinite(v):
+                r, g, b, _ = cmap(norm(v))
+                colour = "white" if 0.299 * r + 0.587 * g + 0.114 * b < 0.45 else "black"
+                text = f"{v:.0f}" if pct else f"{v:.2f}"
+            else:
+                colour, text = "#666666", "–"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8, color=colour)
+        ax.set_xticks(range(len(lengths)), lengths)
+        ax.set_yticks(range(len(tasks)), tasks if k % ncols == 0 else [""] * len(tasks))
+        ax.set_xlabel("input length")
+        ax.set_title(name)
+        ax.tick_params(length=0)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    if image is not None:
+        fig.colorbar(
+            image, ax=axes, shrink=0.85, label=_metric_header(metric, percent_metrics(results))
+        )
+    fig.suptitle(f"{metric} by task and input length")
+    _save(fig, out / "plots" / "heatmap.png")
+    caption = (
+        f"{metric} per task (rows) and input length (columns), one panel per arm; "
+        "shared colour scale" + (" 0–100." if pct else ".")
+    )
+    return [("Task × length", "plots/heatmap.png", caption)]
+
+
+def _plot_by_length(
+    results: Mapping[str, Any], out: Path, logs: Mapping[str, list]
+) -> list[tuple[str, str, str]]:
+    """(b) Primary metric vs input length per arm, with 95 % intervals."""
+    metric = primary_metric(results)
+    by_arm = {
+        name: arm.get("lengths") or {}
+        for name, arm in results["arms"].items()
+        if (arm.get("lengths") or {})
+    }
+    lengths = sorted(
+        {le for d in by_arm.values() for le in d}, key=lambda x: parse_length(x) or 0.0
+    )
+    if metric is None or len(lengths) < 2:
+        return []
+    pct = metric in percent_metrics(results)
+    scale = 100.0 if pct else 1.0
+    colours = _arm_colours(list(results["arms"]))
+    fig = _figure(max(5.5, 0.8 * len(lengths) + 3.0), 4.0)
+    ax = fig.subplots()
+    x_of = {le: i for i, le in enumerate(lengths)}
+    n_arms = len(by_arm)
+    for k, (name, summaries) in enumerate(by_arm.items()):
+        points = [(le, summaries[le][metric]) for le in lengths if metric in summaries.get(le, {})]
+        points = [(le, s) for le, s in points if not _missing(s["value"])]
+        if not points:
+            continue
+        # Small horizontal offsets keep overlapping error bars apart.
+        offset = (k - (n_arms - 1) / 2) * 0.06
+        x = np.array([x_of[le] for le, _ in points], dtype=float) + offset
+        y = np.array([s["value"] * scale for _, s in points])
+        low = np.array(
+            [np.nan if _missing(s["ci95"][0]) else s["ci95"][0] * scale for _, s in points]
+        )
+        high = np.array(
+            [np.nan if _missing(s["ci95"][1]) else s["ci95"][1] * scale for _, s in points]
+        )
+        style = "--" if name in _REFERENCE_COLOURS else "-"
+        ax.errorbar(
+            x,
+            y,
+            yerr=[y - low, high - y],
+            color=colours[name],
+            ls=style,
+            marker="o",
+            ms=4,
+            capsize=3,
+            lw=1.6,
+            label=name,
+        )
+        ax.fill_between(x, low, high, color=colours[name], alpha=0.1, lw=0)
+    ax.set_xticks(range(len(lengths)), lengths)
+    ax.set_xlabel("input length")
+    ax.set_ylabel(_metric_header(metric, percent_metrics(results)))
+    if pct:
+        ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title(f"{metric} vs input length (all tasks pooled; bars and bands: 95% CI)")
+    _save(fig, out / "plots" / "by_length.png")
+    caption = (
+        f"{metric} at each input length, pooled over tasks; dashed lines are the reference arms."
+    )
+    return [("Metric vs input length", "plots/by_length.png", caption)]
+
+
+# ---- training logs --------------------------------------------------------------------------
+
+
+def read_train_log(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a JSONL training log; a truncated last line (a run still writing) is skipped.
+
+    Raises:
+        DataError: a malformed line other than the last.
+    """
+    path = Path(path)
+    lines = path.read_text().splitlines()
+    records = []
+    for k, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            if k == len(lines) - 1:
+                logger.warning("%s: last line is incomplete; skipped", path)
+                continue
+            raise DataError(f"{path}:{k + 1}: not a JSON object ({err})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{k + 1}: not a JSON object")
+        records.append(record)
+    return records
+
+
+def _arm_log(arm: Mapping[str, Any], base_dir: Path) -> list[dict[str, Any]]:
+    spec = arm.get("train_log")
+    if not spec:
+        return []
+    if not isinstance(spec, str):
+        return [r for r in spec if isinstance(r, dict)]
+    candidates = [Path(spec)] if Path(spec).is_absolute() else [base_dir / spec, Path(spec)]
+    for candidate in candidates:
+        if candidate.is_file():
+            return read_train_log(candidate)
+    logger.warning(
+        "arm %s: training log %s not found; no training plot for it", arm.get("name"), spec
+    )
+    return []
+
+
+def log_series(records: Sequence[Mapping[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """key → (steps, values) for every numeric key (steps: ``step`` or the record index).
+
+    Records with a ``kind`` other than ``train`` (memllm's logger writes ``kind: eval``) have
+    their keys prefixed by it (``eval/loss``), so they never mix with the training loss. A
+    quantity logged once outside training and evaluation (a one-off record) is not a curve and
+    is left out.
+    """
+    raw: dict[str, tuple[list[float], list[float]]] = {}
+    for k, record in enumerate(records):
+        step = record.get("step", record.get("global_step", k))
+        if not isinstance(step, (int, float)) or isinstance(step, bool):
+            step = k
+        kind = record.get("kind")
+        prefix = f"{kind}/" if isinstance(kind, str) and kind and kind != "train" else ""
+        for key, value in record.items():
+            if key in _LOG_AXIS_KEYS or isinstance(value, bool):
+                continue
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                name = key if key.startswith(prefix) else prefix + key
+                xs, ys = raw.setdefault(name, ([], []))
+                xs.append(float(step))
+                ys.append(float(value))
+    return {
+        k: (np.asarray(x), np.asarray(y))
+        for k, (x, y) in raw.items()
+        if len(x) > 1 or "/" not in k or k.split("/")[0] in (*_EVAL_KINDS, "memory", "loss")
+    }
+
+
+def smooth(values: np.ndarray, span: int | None = None) -> np.ndarray:
+    """Bias-corrected exponential moving average (span ≈ n/12 points by default)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.size < 3:
+        return values.copy()
+    span = span or max(2, values.size // 12)
+    alpha = 2.0 / (span + 1.0)
+    out = np.empty_like(values)
+    acc, weight = 0.0, 0.0
+    for i, v in enumerate(values):
+        acc = (1 - alpha) * acc + alpha * v
+        weight = (1 - alpha) * weight + alpha
+        out[i] = acc / weight
+    return out
+
+
+def _training_key_order(key: str) -> tuple:
+    if key == "loss":
+        rank = 0
+    elif key.startswith(_EVAL_KINDS):
+        rank = 2
+    elif "loss" in key:
+        rank = 1
+    elif _is_lr(key):
+        rank = 3
+    elif "grad" in key:
+        rank = 4
+    else:
+        rank = 5
+    return (rank, _natural_key(key))
+
+
+def _draw_series(
+    ax, x: np.ndarray, y: np.ndarray, colour, label: str | None, smoothed: bool = True
+) -> None:
+    if y.size > 20 and smoothed:
+        ax.plot(x, y, color=colour, alpha=0.25, lw=0.8)
+        ax.plot(x, smooth(y), color=colour, lw=1.8, label=label)
+    elif y.size > 20:
+        ax.plot(x, y, color=colour, lw=1.6, label=label)
+    else:
+        ax.plot(x, y, color=colour, lw=1.5, marker="o", ms=3, label=label)
+
+
+def _panel_grid(count: int, ncols: int = 3, width: float = 4.2, height: float = 3.0):
+    ncols = min(ncols, count)
+    nrows = math.ceil(count / ncols)
+    fig = _figure(width * ncols, height * nrows + 0.5)
+    axes = list(fig.subplots(nrows, ncols, squeeze=False).flat)
+    for ax in axes[count:]:
+        ax.set_visible(False)
+    return fig, axes[:count]
+
+
+def _is_lr(key: str) -> bool:
+    return key in ("lr", "learning_rate") or key.startswith(("lr/", "lr_"))
+
+
+def _finish_axis(ax, key: str, y: Sequence[np.ndarray]) -> None:
+    ax.set_title(key, fontsize=10)
+    ax.set_xlabel("step")
+    ax.set_ylabel(key.split("/")[-1])
+    ax.grid(alpha=0.3)
+    values = np.concatenate([np.asarray(v) for v in y]) if y else np.array([])
+    # Log scale only for a sustained spread (a loss falling 100×), not for noise near zero.
+    if values.size > 1 and np.all(values > 0):
+        low, high = np.percentile(values, [5, 95])
+        if high / low > 100:
+            ax.set_yscale("log")
+    if _is_lr(key):
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+
+
+def _plot_training(
+    results: Mapping[str, Any], out: Path, logs: Mapping[str, list]
+) -> list[tuple[str, str, str]]:
+    """(c) Training curves: one panel per logged quantity, a line per arm (raw + smoothed)."""
+    colours = _arm_colours(list(results["arms"]))
+    series = {}
+    for name in results["arms"]:
+        s = {k: v for k, v in log_series(logs[name]).items() if "memory/" not in k}
+        if s:
+            series[name] = s
+    keys = sorted({k for s in series.values() for k in s}, key=_training_key_order)
+    if not keys:
+        return []
+    fig, axes = _panel_grid(len(keys))
+    for ax, key in zip(axes, keys, strict=True):
+        ys = []
+        for name, s in series.items():
+            if key in s:
+                _draw_series(ax, *s[key], colours[name], name, smoothed=not _is_lr(key))
+                ys.append(s[key][1])
+        _finish_axis(ax, key, ys)
+    handles, labels = [], []
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            if label not in labels:
+                handles.append(h)
+                labels.append(label)
+    fig.legend(
+        handles, labels, loc="outside lower center", ncols=min(len(labels), 8), frameon=False
+    )
+    fig.suptitle("Training curves (faint: raw; solid: smoothed; lr unsmoothed)")
+    _save(fig, out / "plots" / "training.png")
+    caption = "Every numeric key of each arm's training log; faint lines raw, solid lines an EMA."
+    return [("Training curves", "plots/training.png", caption)]
+
+
+def _plot_memory(
+    results: Mapping[str, Any], out: Path, logs: Mapping[str, list]
+) -> list[tuple[str, str, str]]:
+    """(d) Memory diagnostics per arm: one panel per diagnostic, a line per layer."""
+    from matplotlib import colormaps
+
+    figures = []
+    for name in results["arms"]:
+        panels: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+        for key, xy in log_series(logs[name]).items():
+            parts = key.split("/")
+            if parts[0] != "memory" or len(parts) < 2:
+                continue
+            layer, diag = (parts[1], "/".join(parts[2:])) if len(parts) > 2 else ("all", parts[1])
+            panels.setdefault(diag, {})[layer] = xy
+        if not panels:
+            continue
+        diags = sorted(panels, key=_natural_key)
+        fig, axes = _panel_grid(len(diags))
+        for ax, diag in zip(axes, diags, strict=True):
+            layers = sorted(panels[diag], key=_natural_key)
+            cmap = colormaps["viridis"]
+            for k, layer in enumerate(layers):
+                colour = cmap(0.05 + 0.75 * k / max(1, len(layers) - 1))
+                label = layer.removeprefix("layer") if len(layers) > 1 else layer
+                _draw_series(ax, *panels[diag][layer], colour, label)
+            _finish_axis(ax, diag, [panels[diag][la][1] for la in layers])
+            if len(layers) > 1 or layers[0] != "all":
+                ax.legend(fontsize=8, frameon=False, title="layer" if len(layers) > 1 else None)
+        fig.suptitle(f"Memory diagnostics during training: {name}")
+        file = f"plots/memory_{_safe_name(name)}.png"
+        _save(fig, out / file)
+        caption = f"{name}: each memory diagnostic in the training log, one line per memory layer."
+        figures.append((f"Memory diagnostics: {name}", file, caption))
+    return figures
