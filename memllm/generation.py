@@ -84,6 +84,7 @@ def generate(
     batch_size: int = 8,
     skip_special_tokens: bool = True,
     progress: bool = False,
+    desc: str = "generate",
     **generate_kwargs,
 ) -> str | list[str]:
     """Generate a continuation for each prompt, reading prompts longer than the window through
@@ -95,7 +96,7 @@ def generate(
     device = next(model.parameters()).device
     outputs: list[str] = []
     starts = range(0, len(prompts), batch_size)
-    for i in tqdm(starts, desc="generate", disable=not progress, unit="batch"):
+    for i in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
         enc = tokenizer(
             prompts[i : i + batch_size],
             return_tensors="pt",
