@@ -53,8 +53,11 @@ def _settings(settings: LoraSettings | dict[str, Any]) -> LoraSettings:
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.Module:
-    """Add LoRA adapters to ``model`` in place; only their parameters become trainable."""
+    """Add LoRA adapters to ``model`` in place; the adapters and the memory (if any) are then the
+    only trainable parameters."""
     from peft import LoraConfig, inject_adapter_in_model
+
+    from memllm.inject import _find_controller, memory_parameters
 
     settings = _settings(settings)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -69,7 +72,15 @@ def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.
         lora_dropout=settings.dropout,
         target_modules=list(settings.target_modules),
     )
+    # PEFT freezes every parameter that is not LoRA's, which would also freeze a memory injected
+    # before the adapter: the memory's parameters (found by structure) keep their trainability.
+    has_memory = _find_controller(model) is not None
+    memory = [p for p in memory_parameters(model) if p.requires_grad] if has_memory else []
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    for p in memory:
+        p.requires_grad_(True)
+    # PEFT's new modules (LoRA dropout) start in training mode: follow the model's mode instead
+    model.train(model.training)
     model._memllm_lora = settings
     return model
 
@@ -99,7 +110,7 @@ def _wrapper_pattern(model: nn.Module) -> re.Pattern:
 
     prefixes = [re.escape(n) for n, m in model.named_modules() if isinstance(m, MemoryLayer)]
     if not prefixes:
-        return re.compile(r"(?!x)x")
+        return re.compile(r"(?!)(.)")  # matches nothing, but has the group the callers use
     return re.compile(rf"^({'|'.join(prefixes)})\.layer\.")
 
 
@@ -116,14 +127,25 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source=None) -> None:
     """Load LoRA weights saved by :func:`adapter_state_dict`, strictly."""
-    from peft import set_peft_model_state_dict
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     pattern = _wrapper_pattern(model)
-    expected = {pattern.sub(r"\1.", k): k for k in adapter_state_dict(model)}
+    # saved key (wrapper segment removed) -> the model's own key (PEFT's naming, wrapper included)
+    raw = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    expected = {pattern.sub(r"\1.", k): k for k in raw}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
         raise CheckpointError(f"{source or 'adapter'}: does not match the LoRA config ({what})")
+    for key, value in state.items():
+        if value.shape != raw[expected[key]].shape:
+            raise CheckpointError(
+                f"{source or 'adapter'}: {key} has shape {tuple(value.shape)}, "
+                f"the model expects {tuple(raw[expected[key]].shape)}"
+            )
     mapped = {expected[k]: v for k, v in state.items()}
-    set_peft_model_state_dict(model, mapped, adapter_name=ADAPTER)
+    result = set_peft_model_state_dict(model, mapped, adapter_name=ADAPTER)
+    ignored = getattr(result, "unexpected_keys", None)
+    if ignored:  # PEFT loads non-strictly: a key it could not place is an error here
+        raise CheckpointError(f"{source or 'adapter'}: {ignored[0]} was not loaded")
