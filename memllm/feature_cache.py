@@ -1,0 +1,170 @@
+"""Feature cache: skip the frozen backbone after the first epoch (memory after the last layer).
+
+With the memory after the last decoder layer (the G-MemLLM placement), no LoRA, and a memory type
+that only sees the layer's *output*, the output of the wrapped last layer depends on no trainable
+weight. The first time an example is trained on, its per-token output of that layer is recorded;
+afterwards a batch of cached examples runs only memory → final norm → LM head, segment by segment,
+exactly as :func:`memllm.segments.forward_segments` would.
+
+Segments are aligned to the end of the input and examples are left-padded, so an example's real
+tokens fall into the same segments whatever batch it is in: the cache is kept per example (real
+tokens only) and re-padded for each new batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from memllm.backbone import decoder_stack, text_config
+from memllm.inject import MemoryLayer, MemorySession, memory_config
+from memllm.segments import SegmentOutput, _logits_to_keep, segment_bounds
+
+# The one per-architecture fact needed here: the final norm's attribute on the decoder stack owner.
+FINAL_NORMS = {
+    "llama": "norm",
+    "mistral": "norm",
+    "qwen2": "norm",
+    "qwen3": "norm",
+    "gemma3_text": "norm",
+    "gemma2": "norm",
+    "gemma": "norm",
+    "phi3": "norm",
+    "olmo2": "norm",
+    "gpt2": "ln_f",
+    "gpt_neox": "final_layer_norm",
+}
+
+# Memory types whose module calls the wrapped layer on its unchanged input and works on the
+# output only (so the layer's output can stand in for the layer).
+POST_LAYER_TYPES = {"latent"}
+
+
+def unsupported_reason(model: nn.Module, has_lora: bool) -> str | None:
+    """Why the feature cache cannot be used on ``model`` (None when it can)."""
+    owner, layers = decoder_stack(model)
+    wrapped = [i for i, layer in enumerate(layers) if isinstance(layer, MemoryLayer)]
+    if not wrapped:
+        return "the model has no memory"
+    if has_lora:
+        return "LoRA trains the backbone, so its hidden states change"
+    if wrapped != [len(layers) - 1]:
+        return f"memory sits at layers {wrapped}; the cache needs it only after the last layer"
+    kind = memory_config(model).type
+    if kind not in POST_LAYER_TYPES:
+        return f"memory type {kind!r} changes the last layer's input"
+    if FINAL_NORMS.get(model.config.model_type) is None:
+        return f"final norm of model_type {model.config.model_type!r} unknown"
+    if not hasattr(owner, FINAL_NORMS[model.config.model_type]):
+        return "the final norm was not found"
+    return None
+
+
+class FeatureCache:
+    """Per-example outputs of the last (wrapped) decoder layer, kept on the CPU."""
+
+    def __init__(self, model: nn.Module) -> None:
+        reason = unsupported_reason(model, has_lora=False)
+        if reason:
+            raise ValueError(f"feature cache unavailable: {reason}")
+        owner, layers = decoder_stack(model)
+        self.index = len(layers) - 1
+        self.wrapper: MemoryLayer = layers[self.index]
+        self.norm = getattr(owner, FINAL_NORMS[model.config.model_type])
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
+        self.features: dict[str, Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.features.values())
+
+    def has(self, ids: list[str]) -> bool:
+        return all(i in self.features for i in ids)
+
+    @contextlib.contextmanager
+    def record(self, ids: list[str], attention_mask: Tensor) -> Iterator[None]:
+        """Record the wrapped layer's output for the batch run inside this block."""
+        pieces: list[Tensor] = []
+
+        def hook(_module, _args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            pieces.append(out.detach())
+
+        handle = self.wrapper.layer.register_forward_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+        full = torch.cat(pieces, dim=1)  # segment calls in order = the whole padded input
+        mask = attention_mask.bool()
+        for row, example_id in enumerate(ids):
+            self.features[example_id] = full[row, mask[row]].to("cpu", copy=True)
+
+    def padded(self, ids: list[str], attention_mask: Tensor) -> Tensor:
+        """Cached features of ``ids`` laid out like the left-padded batch (zeros on padding)."""
+        first = self.features[ids[0]]
+        batch, tokens = attention_mask.shape
+        out = torch.zeros(batch, tokens, first.shape[-1], dtype=first.dtype)
+        for row, example_id in enumerate(ids):
+            feats = self.features[example_id]
+            out[row, tokens - feats.shape[0] :] = feats
+        return out.to(attention_mask.device)
+
+    def forward(
+        self,
+        ids: list[str],
+        attention_mask: Tensor,
+        labels: Tensor,
+        *,
+        segment_length: int,
+        session: MemorySession,
+        bptt_segments: int | None = None,
+    ) -> SegmentOutput:
+        """Loss of a cached batch, segment by segment: what ``forward_segments`` computes."""
+        hidden = self.padded(ids, attention_mask)
+        targets = torch.full_like(labels, -100)
+        targets[:, :-1] = labels[:, 1:]
+        memory = self.wrapper.memory
+        total_loss, total_tokens, aux_losses = None, 0, []
+        bounds = segment_bounds(labels.shape[1], segment_length)
+        for k, (start, end) in enumerate(bounds):
+            if bptt_segments and k > 0 and k % bptt_segments == 0:
+                session.detach()
+            h = hidden[:, start:end]
+            mask = attention_mask[:, start:end].bool()
+            # What MemoryLayer.forward does, with the recorded output standing in for the layer.
+            state = session.state_for(self.index, memory, h)
+            out, new_state, aux = memory(
+                lambda _h, h=h: h, h, state, mask=mask, write=session.writing
+            )
+            if session.writing:
+                session.states[self.index] = new_state
+            session.aux[self.index] = aux
+            aux_losses.append(session.aux_loss())
+            seg_targets = targets[:, start:end]
+            keep = _logits_to_keep(seg_targets, full=False)
+            n = int((seg_targets != -100).sum())
+            if not n:
+                continue
+            out, seg_targets = out[:, -keep:], seg_targets[:, -keep:]
+            logits = self.head(self.norm(out))
+            if self.softcap:
+                logits = torch.tanh(logits / self.softcap) * self.softcap
+            loss = nn.functional.cross_entropy(
+                logits.float().reshape(-1, logits.shape[-1]),
+                seg_targets.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+            total_loss = loss if total_loss is None else total_loss + loss
+            total_tokens += n
+        mean_loss = total_loss / total_tokens if total_loss is not None else None
+        aux = sum(aux_losses) / len(aux_losses)
+        return SegmentOutput(mean_loss, None, aux, len(bounds), total_tokens)
