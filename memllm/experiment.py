@@ -91,6 +91,10 @@ class ExperimentConfig:
     data: dict[str, Any] = _help(
         "task and its options", default_factory=lambda: {"task": "babilong"}
     )
+    train_data: dict[str, Any] = _help(
+        "task options that differ for training (e.g. shorter lengths: train short, test long)",
+        default_factory=dict,
+    )
     segment_length: int = _help(
         "tokens per forward call for window/finetuned/memory arms", default=512
     )
@@ -108,6 +112,7 @@ class ExperimentConfig:
         check(len(self.arms) > 0, "arms", "needs at least one arm")
         check(self.segment_length > 0, "segment_length", "must be > 0")
         check(isinstance(self.data.get("task"), str), "data.task", "name the task")
+        check("task" not in self.train_data, "train_data.task", "the task is data.task")
 
 
 def load_experiment_config(path: str | Path, overrides: list[str] | None = None):
@@ -206,6 +211,16 @@ class Experiment:
         options = {k: v for k, v in cfg.data.items() if k != "task"}
         try:
             self.task = build_task(cfg.data["task"], options, source_file=str(source or ""))
+            self.train_task = (
+                build_task(
+                    cfg.data["task"],
+                    {**options, **cfg.train_data},
+                    source_file=str(source or ""),
+                    key_prefix="train_data.",
+                )
+                if cfg.train_data
+                else self.task
+            )
             self.run_configs = {
                 name: arm_run_config(cfg, name, arm)
                 for name, arm in cfg.arms.items()
@@ -263,7 +278,7 @@ class Experiment:
             from memllm.train import train
 
             cfg = self.run_configs[name]
-            result = train(cfg, source=self.source, task=self.task)
+            result = train(cfg, source=self.source, task=self.train_task)
             model, tokenizer = result.model, result.tokenizer
             train_time = time.perf_counter() - start
             train_log = Path(cfg.output_dir) / "log.jsonl"
@@ -325,7 +340,13 @@ class Experiment:
         return model, tokenizer
 
     def _note_truncation(self, tokenizer, window: int) -> None:
-        longest = max(len(tokenizer(ex.prompt).input_ids) for ex in self.examples)
+        from memllm.prompting import format_example
+
+        chat = self.cfg.model.chat_template
+        longest = max(
+            len(tokenizer(format_example(tokenizer, ex.prompt, ex.target, chat)[0]).input_ids)
+            for ex in self.examples
+        )
         if longest > window:
             self.notes.append(
                 f"base: inputs above the {window}-token window (the longest has {longest}) "
@@ -375,7 +396,8 @@ def cmd_quickstart(args) -> int:
     overrides = list(args.overrides)
     if args.output:
         overrides.append(f"output_dir={args.output}")
-    experiment, results = run_experiment(quickstart_config(), overrides)
+    arms = args.arms.split(",") if args.arms else None
+    experiment, results = run_experiment(quickstart_config(), overrides, arms)
     print(format_table(results))
     print(f"report: {experiment.paths['markdown']}")
     return 0
@@ -393,5 +415,6 @@ def register(sub) -> None:
         help="the bundled model + BabiLong built offline: latent memory vs baselines (~15 min CPU)",
     )
     q.add_argument("--output", help="output folder (default runs/quickstart)")
+    q.add_argument("--arms", help="comma-separated subset of the arms (base, window, latent)")
     q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     q.set_defaults(func=cmd_quickstart)

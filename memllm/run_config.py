@@ -52,6 +52,13 @@ class ModelSettings:
     dtype: Literal["float32", "bfloat16", "float16"] = field(
         default="float32", metadata={"help": "dtype of the backbone weights (float32 on CPU)"}
     )
+    chat_template: bool = field(
+        default=False,
+        metadata={
+            "help": "wrap prompts in the tokenizer's chat template (instruct models); "
+            "the target is the assistant's reply"
+        },
+    )
 
 
 @dataclass

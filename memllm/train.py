@@ -104,15 +104,21 @@ def build_task(cfg: RunConfig, source: str | Path | None):
         raise with_file(err, source) from None
 
 
-def encode_examples(examples, tokenizer, max_length: int | None) -> list[Item]:
-    """Prompt + target + EOS; prompts longer than ``max_length`` lose their beginning."""
+def encode_examples(examples, tokenizer, max_length: int | None, chat: bool = False) -> list[Item]:
+    """Prompt + target + EOS; prompts longer than ``max_length`` lose their beginning.
+
+    With ``chat`` the prompt is the user turn of the tokenizer's chat template and the target
+    the assistant's reply (see :mod:`memllm.prompting`).
+    """
+    from memllm.prompting import format_example
 
     # verbose=False: long prompts are the point, not a reason for a tokenizer warning
     def encode(texts: list[str]) -> list[list[int]]:
         return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
 
-    prompts = encode([e.prompt for e in examples])
-    targets = encode([e.target for e in examples])
+    pairs = [format_example(tokenizer, e.prompt, e.target, chat) for e in examples]
+    prompts = encode([p for p, _ in pairs])
+    targets = encode([t for _, t in pairs])
     items = []
     for ex, p, t in zip(examples, prompts, targets, strict=True):
         t = [*t, tokenizer.eos_token_id]
@@ -127,7 +133,7 @@ def encode_examples(examples, tokenizer, max_length: int | None) -> list[Item]:
     return items
 
 
-def encode_split(task, tokenizer, split: str, max_length: int | None, limit=None):
+def encode_split(task, tokenizer, split: str, max_length: int | None, limit=None, chat=False):
     """Items (and the task's examples, for scoring) of one split."""
     if hasattr(task, "token_sequences"):  # a text corpus: every token is a target
         if max_length is None:
@@ -135,7 +141,7 @@ def encode_split(task, tokenizer, split: str, max_length: int | None, limit=None
         seqs = task.token_sequences(tokenizer, max_length, split)[:limit]
         return [Item(f"{split}/{i}", list(s), list(s), 0) for i, s in enumerate(seqs)], None
     examples = task.examples(split)[:limit]
-    return encode_examples(examples, tokenizer, max_length), examples
+    return encode_examples(examples, tokenizer, max_length, chat), examples
 
 
 def collate(items: list[Item], pad_id: int, device, *, prompt_only: bool = False) -> Batch:
@@ -335,9 +341,10 @@ class Trainer:
         # Without memory the model sees one window: cut inputs to it once, at encoding time.
         limits = [x for x in (t.max_length, None if self.has_memory else t.segment_length) if x]
         max_len = min(limits) if limits else None
-        self.train_items, _ = encode_split(self.task, tokenizer, "train", max_len)
+        chat = cfg.model.chat_template
+        self.train_items, _ = encode_split(self.task, tokenizer, "train", max_len, chat=chat)
         self.eval_items, self.eval_examples = encode_split(
-            self.task, tokenizer, cfg.eval.split, max_len, cfg.eval.max_examples
+            self.task, tokenizer, cfg.eval.split, max_len, cfg.eval.max_examples, chat=chat
         )
         self.global_batch = t.batch_size * t.grad_accum_steps * self.world
         self.steps_per_epoch = len(self.train_items) // self.global_batch
