@@ -40,18 +40,9 @@ def tiny_config(arch: str, vocab_size: int, *, layers: int = 2, hidden: int = 32
     from transformers import GPT2Config, LlamaConfig, Qwen2Config
 
     common = {"vocab_size": vocab_size, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    if arch == "llama":
-        return LlamaConfig(
-            hidden_size=hidden,
-            intermediate_size=2 * hidden,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=context,
-            **common,
-        )
-    if arch == "qwen2":
-        return Qwen2Config(
+    if arch in ("llama", "qwen2"):
+        config_cls = LlamaConfig if arch == "llama" else Qwen2Config
+        return config_cls(
             hidden_size=hidden,
             intermediate_size=2 * hidden,
             num_hidden_layers=layers,

@@ -12,7 +12,7 @@ from memllm.experiment import load_experiment_config, quickstart_config
 from memllm.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + [quickstart_config()]
+CONFIGS = [*sorted((ROOT / "configs").glob("*.yaml")), quickstart_config()]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
