@@ -169,15 +169,18 @@ def predict(
     max_new_tokens: int,
     batch_size: int,
     desc: str,
+    chat: bool = False,
 ) -> list[str]:
     """Generate an answer for each example (batched, longest first to waste little padding)."""
     from memllm.generation import generate
+    from memllm.prompting import format_example
 
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].prompt))
+    prompts = [format_example(tokenizer, ex.prompt, ex.target, chat)[0] for ex in examples]
+    order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
     outputs = generate(
         model,
         tokenizer,
-        [examples[i].prompt for i in order],
+        [prompts[i] for i in order],
         segment_length=segment_length,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
@@ -302,6 +305,7 @@ class Experiment:
                 max_new_tokens=self.max_new_tokens,
                 batch_size=self.cfg.eval.batch_size,
                 desc=f"eval {name}",
+                chat=self.cfg.model.chat_template,
             )
         eval_time = time.perf_counter() - eval_start
         scores = self.task.score(self.examples, outputs)
