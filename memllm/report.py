@@ -1226,7 +1226,8 @@ def _finish_axis(ax, key: str, y: Sequence[np.ndarray]) -> None:
         low, high = np.percentile(values, [5, 95])
         if high / low > 100:
             ax.set_yscale("log")
-    if _is_lr(key):
+    if _is_lr(key) and ax.get_yscale() == "linear":
+        # a cosine schedule ends near 0 (spread > 100×, so log scale): sci labels only on linear
         ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
 
 
