@@ -57,12 +57,8 @@ def cmd_info(args) -> int:
     model, _ = load_model_with_memory(args)
     _, layers = decoder_stack(model)
     cfg = text_config(model)
-    backbone_params = (
-        sum(p.numel() for p in model.parameters())
-        - sum(p.numel() for p in memllm.memory_parameters(model))
-        if memory_layers(model)
-        else sum(p.numel() for p in model.parameters())
-    )
+    added = sum(p.numel() for p in memllm.memory_parameters(model))  # 0 without memory
+    backbone_params = sum(p.numel() for p in model.parameters()) - added
     rows = [
         ("model", args.model),
         ("architecture", f"{type(model).__name__} (model_type={cfg.model_type})"),
@@ -74,7 +70,6 @@ def cmd_info(args) -> int:
     placed = memory_layers(model)
     if placed:
         config = memllm.memory_config(model)
-        added = sum(p.numel() for p in memllm.memory_parameters(model))
         rows += [
             ("memory", f"{config.type} at decoder layers {sorted(placed)}"),
             ("memory parameters", f"{added:,} ({100 * added / backbone_params:.2f}% of backbone)"),

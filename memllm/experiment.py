@@ -285,15 +285,9 @@ class Experiment:
             model, tokenizer = result.model, result.tokenizer
             train_time = time.perf_counter() - start
             train_log = Path(cfg.output_dir) / "log.jsonl"
-        if arm.kind in ("finetuned", "memory"):
-            params = (
-                sum(
-                    p.numel()
-                    for p in memllm.memory_parameters(model) + memllm.lora_parameters(model)
-                )
-                if arm.kind == "memory"
-                else sum(p.numel() for p in memllm.lora_parameters(model))
-            )
+        if arm.kind in ("finetuned", "memory"):  # a finetuned arm has no memory parameters
+            trained = memllm.memory_parameters(model) + memllm.lora_parameters(model)
+            params = sum(p.numel() for p in trained)
         model.eval()
         eval_start = time.perf_counter()
         with torch.no_grad():

@@ -127,6 +127,7 @@ class MemoryController:
     def begin_call(self, mask: Tensor | None) -> None:
         if self.session is None:
             self.session = MemorySession(self)
+            self.session.writing = False  # discarded after this call: writing it is wasted work
             self.ephemeral = True
         self.session.mask = mask
 
@@ -158,9 +159,8 @@ class MemoryLayer(nn.Module):
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
         controller = self._controller
-        session = controller.session if controller is not None else None
-        if session is None:  # called outside the decoder stack: behave as a fresh memory
-            session = MemorySession(controller)
+        # called directly rather than through the decoder stack: a fresh, one-call memory
+        session = controller.session or MemorySession(controller)
         extras: list[Any] = []
 
         def call_layer(h: Tensor) -> Tensor:

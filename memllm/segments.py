@@ -11,6 +11,8 @@ sees only that segment; what it knows of earlier segments comes through the memo
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -47,10 +49,9 @@ def _logits_to_keep(targets: Tensor | None, full: bool) -> int:
     return targets.shape[1] - int(labelled[0])
 
 
-def _accepts_logits_to_keep(model: nn.Module) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+@functools.cache
+def _accepts_logits_to_keep(model_cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(model_cls.forward).parameters
 
 
 def positions_from_mask(mask: Tensor) -> Tensor:
@@ -133,7 +134,7 @@ def forward_segments(
         seg_targets = targets[:, start:end] if targets is not None else None
         is_last = k == len(bounds) - 1
         keep = _logits_to_keep(seg_targets, full=keep_logits and is_last)
-        kwargs = {"logits_to_keep": keep} if keep and _accepts_logits_to_keep(model) else {}
+        kwargs = {"logits_to_keep": keep} if keep and _accepts_logits_to_keep(type(model)) else {}
         out = model(
             input_ids=ids,
             attention_mask=mask,
