@@ -1,9 +1,13 @@
 """Generate with memory: write a long prompt segment by segment, then decode with the memory.
 
 All but the last segment of the prompt are written into the memory; the last segment is the
-model's visible context, and ``model.generate`` decodes from it with the backbone's KV cache while
-the memory is read-only — so the memory is used from the first new token on, exactly as in a
-teacher-forced forward pass over the same segments.
+model's visible context, and ``model.generate`` decodes from it with the backbone's KV cache
+inside ``session.decoding()``: the prefill and every decoding step are pieces of one segment (the
+prompt's last segment extended by the generated tokens). Memories that learn within a call (the
+neural memory) stream a scratch state through those pieces; the others read the memory of the
+earlier segments. Either way each new token is the one a teacher-forced forward pass over the
+same segments would predict, from the first new token on, and the session's committed memory is
+unchanged by generating.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from memllm.backbone import context_length
-from memllm.inject import _find_controller, memory_session
+from memllm.inject import _find_controller, memory_layers, memory_session
 from memllm.segments import positions_from_mask, segment_bounds
 
 
@@ -61,6 +65,12 @@ def generate_ids(
 
     if _find_controller(model) is None:
         return decode()
+    beams = generate_kwargs.get("num_beams") or model.generation_config.num_beams or 1
+    learning = [layer.memory.learns_within_call for layer in memory_layers(model).values()]
+    if beams > 1 and any(learning):
+        # beam search reorders the batch between steps; the decoding scratch state would not
+        # follow it, and the memory would silently mix beams
+        raise ValueError("beam search is not supported with a memory that learns within a call")
     with memory_session(model, state) as session:
         for start, end in bounds[:-1]:
             mask = attention_mask[:, start:end]
@@ -70,7 +80,7 @@ def generate_ids(
                 position_ids=positions_from_mask(mask),
                 use_cache=False,
             )
-        with session.read_only():
+        with session.decoding():
             return decode()
 
 

@@ -10,6 +10,10 @@ The session reaches the layers through the model, not through keyword arguments 
 rejects unknown ones): the model's decoder stack gets a forward pre-hook that records the
 attention mask of each call, and each :class:`MemoryLayer` looks up the active session. Outside any
 session, every forward call starts from a fresh memory (as a one-call session would).
+
+Generation decodes one segment (the prompt's last segment, then one new token per call) inside
+``session.decoding()``: memories that learn within a call stream a scratch state through those
+calls, the committed state is left as it was (see :meth:`MemorySession.decoding`).
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ class MemorySession:
     """The memory state of one example or stream (a batch of independent examples).
 
     Attributes:
-        states: per memory layer index, that layer's state (batch dimension first).
+        states: per memory layer index, that layer's committed state (batch dimension first).
         writing: whether forward calls update the memory (False while generating).
+        scratch: inside :meth:`decoding` only (None otherwise): per memory layer whose module
+            learns within a call, the state after the calls made so far in the block.
         aux: per memory layer, the ``aux`` tensors of the most recent forward call.
     """
 
@@ -43,6 +49,7 @@ class MemorySession:
         self.controller = controller
         self.states: dict[int, Any] = dict(state or {})
         self.writing = True
+        self.scratch: dict[int, Any] | None = None
         self.aux: dict[int, dict[str, Tensor]] = {}
         self.mask: Tensor | None = None  # (B, T) bool for the current call, set by the hook
 
@@ -72,15 +79,43 @@ class MemorySession:
         """Forget everything: the next call starts from a fresh memory."""
         self.states.clear()
         self.aux.clear()
+        if self.scratch is not None:
+            self.scratch.clear()
 
     @contextlib.contextmanager
     def read_only(self) -> Iterator[MemorySession]:
-        """Calls inside read the memory but do not write it (generation)."""
+        """Calls inside read the memory but do not write it; each call is a segment of its own
+        that reads the committed memory (e.g. one teacher-forced pass over a prompt's tail)."""
         before, self.writing = self.writing, False
         try:
             yield self
         finally:
             self.writing = before
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[MemorySession]:
+        """Calls inside are the pieces of *one* segment that is thrown away at the end
+        (generation: the prefill of the prompt's last segment, then one call per new token).
+
+        The committed state is never changed. A memory that reads before it writes
+        (``learns_within_call = False``, the latent memory) reads the committed state in every
+        call, as under :meth:`read_only` — which is what a teacher-forced pass over the segment
+        does. A memory that also learns within a call (``learns_within_call = True``, the neural
+        memory) streams a scratch copy: the first call starts from the committed state, each
+        call continues from the state the previous one left, and the module gets the committed
+        state as ``segment_state`` for reads that must see earlier segments only. Because its
+        update is exact in streaming, the calls of the block together compute what one
+        teacher-forced call over prompt tail and generated tokens computes.
+        """
+        if self.scratch is not None:
+            raise RuntimeError("already decoding: session.decoding() blocks don't nest")
+        before, self.writing = self.writing, False
+        self.scratch = {}
+        try:
+            yield self
+        finally:
+            self.writing = before
+            self.scratch = None
 
     # -- losses and diagnostics ---------------------------------------------------------------
     def aux_loss(self) -> Tensor | float:
@@ -178,11 +213,20 @@ class MemoryLayer(nn.Module):
             )
         else:  # with a KV cache the 2-D mask covers past + current tokens
             mask = mask[:, -tokens:].to(hidden_states.device)
-        state = session.state_for(self.index, self.memory, hidden_states)
+        committed = session.state_for(self.index, self.memory, hidden_states)
+        state, write = committed, session.writing
+        # decoding a memory that learns within a call: this call continues the segment that the
+        # block's earlier calls began, so the module writes (as a teacher-forced call over the
+        # whole segment would) into the scratch state, never into the committed one
+        streaming = session.scratch is not None and self.memory.learns_within_call
+        if streaming:
+            state, write = session.scratch.get(self.index, committed), True
         out, new_state, aux = self.memory(
-            call_layer, hidden_states, state, mask=mask, write=session.writing
+            call_layer, hidden_states, state, mask=mask, write=write, segment_state=committed
         )
-        if session.writing:
+        if streaming:
+            session.scratch[self.index] = new_state
+        elif session.writing:
             session.states[self.index] = new_state
         session.aux[self.index] = aux
         return (out, *extras) if extras else out
@@ -311,9 +355,9 @@ def memory_session(
     """Own the memory of one example (or batch of independent examples) for a block of code.
 
     Every ``model(...)`` or ``model.generate(...)`` call inside reads the memory written by the
-    earlier calls of this session and writes to it (unless inside ``session.read_only()``). The
-    memory starts fresh, or from ``state`` (a previous session's ``state()``) for runs that carry
-    memory across examples on purpose (persistent memory).
+    earlier calls of this session and writes to it (unless inside ``session.read_only()`` or
+    ``session.decoding()``). The memory starts fresh, or from ``state`` (a previous session's
+    ``state()``) for runs that carry memory across examples on purpose (persistent memory).
     """
     controller = controller_of(model)
     if controller.session is not None and not controller.ephemeral:

@@ -23,7 +23,7 @@ from memllm.memory.neural_update import (
     read,
     reference_update,
 )
-from memllm.segments import forward_segments, segment_bounds
+from memllm.segments import forward_segments, positions_from_mask, segment_bounds
 
 SMALL_NEURAL = {"type": "neural", "memory_dim": 16, "chunk_size": 4, "max_adaptive_lr": 0.1}
 ARCHS = ["context", "layer", "gate"]
@@ -479,3 +479,116 @@ def test_presets_load(name, layers, expected):
         "up_proj",
         "down_proj",
     }
+
+
+# -- generation: decoding continues the prompt's last segment --------------------------------
+DECODE = {**SMALL_NEURAL, "chunk_size": 3}  # 8-token segments: chunks end inside the decoding
+
+
+def teacher_forced_logits(model, ids, mask, new, segment_length):
+    """Logits that predict each of ``new`` in a teacher-forced pass segmented as generation is:
+    the prompt's segments (aligned to its end), the last one extended by the new tokens."""
+    last_start = segment_bounds(ids.shape[1], segment_length)[-1][0]
+    tail = torch.cat([ids[:, last_start:], new], 1)
+    tail_mask = torch.cat([mask[:, last_start:], torch.ones_like(new)], 1)
+    with memllm.memory_session(model) as session:
+        if last_start:
+            forward_segments(
+                model,
+                ids[:, :last_start],
+                mask[:, :last_start],
+                segment_length=segment_length,
+                session=session,
+                keep_logits=False,
+            )
+        logits = model(
+            input_ids=tail,
+            attention_mask=tail_mask,
+            position_ids=positions_from_mask(tail_mask),
+            use_cache=False,
+        ).logits
+    return logits[:, ids.shape[1] - last_start - 1 : -1]
+
+
+def decoding_model(tiny, arch):
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, {**DECODE, "arch": arch})
+    wake(model)
+    return model
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generation_equals_teacher_forcing_token_for_token(tiny, arch):
+    model = decoding_model(tiny, arch)
+    ids = random_ids(1, 29, seed=11)
+    mask = torch.ones_like(ids)
+    # eos_token_id=None: a random model may emit </s>; every step must be compared
+    new = memllm.generate_ids(model, ids, segment_length=8, max_new_tokens=7, eos_token_id=None)
+    assert new.shape == (1, 7)
+    teacher = teacher_forced_logits(model, ids, mask, new, 8).argmax(-1)
+    assert torch.equal(new, teacher)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_batched_generation_equals_one_at_a_time_and_teacher_forcing(tiny, arch):
+    model = decoding_model(tiny, arch)
+    long, short = random_ids(1, 29, seed=12), random_ids(1, 19, seed=13)
+    batch = torch.zeros(2, 29, dtype=torch.long)
+    mask = torch.zeros(2, 29, dtype=torch.long)
+    batch[0], mask[0] = long[0], 1
+    batch[1, -19:], mask[1, -19:] = short[0], 1  # left padding, also inside the last segment
+    kwargs = {"segment_length": 8, "max_new_tokens": 6, "eos_token_id": None}
+    together = memllm.generate_ids(model, batch, mask, **kwargs)
+    alone = torch.cat([memllm.generate_ids(model, x, **kwargs) for x in (long, short)])
+    assert torch.equal(together, alone)
+    teacher = teacher_forced_logits(model, batch, mask, together, 8).argmax(-1)
+    assert torch.equal(together, teacher)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoding_streams_a_scratch_state_and_leaves_the_committed_one(tiny, arch):
+    model = decoding_model(tiny, arch)
+    ids = random_ids(2, 24, seed=14)
+    mask = torch.ones_like(ids)
+
+    def generate(block):
+        with block():
+            out = model.generate(
+                ids[:, 16:],
+                attention_mask=mask[:, 16:],
+                max_new_tokens=6,
+                do_sample=False,
+                eos_token_id=None,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        return out.sequences[:, 8:], torch.stack(out.logits, 1)
+
+    with memllm.memory_session(model) as session:
+        model(input_ids=ids[:, :8])
+        model(input_ids=ids[:, 8:16])
+        before = session.state()
+        new, logits = generate(session.decoding)
+        assert session.scratch is None
+        after = session.state()
+        _, read_only_logits = generate(session.read_only)
+        with session.decoding(), pytest.raises(RuntimeError, match="nest"), session.decoding():
+            pass
+    assert before.keys() == after.keys()
+    for index in before:
+        for key in before[index]:
+            assert before[index][key] is after[index][key], (index, key)
+    teacher = teacher_forced_logits(model, ids, mask, new, 8)
+    assert torch.allclose(logits, teacher, atol=1e-4)
+    # what read-only decoding (each step a segment of its own) gets wrong after the first token
+    assert torch.allclose(read_only_logits[:, 0], teacher[:, 0], atol=1e-4)
+    assert not torch.allclose(read_only_logits[:, 1:], teacher[:, 1:], atol=1e-3)
+    # beam search would reorder the batch behind the scratch state's back
+    with pytest.raises(ValueError, match="beam search"):
+        memllm.generate_ids(model, ids, segment_length=8, max_new_tokens=2, num_beams=2)
+    # generate_ids from a given state leaves that state's tensors as they were
+    copies = {i: {k: v.clone() for k, v in s.items()} for i, s in before.items()}
+    memllm.generate_ids(model, ids[:, 16:], state=before, segment_length=8, max_new_tokens=4)
+    for index in before:
+        for key in before[index]:
+            assert torch.equal(before[index][key], copies[index][key])

@@ -10,8 +10,13 @@ One :class:`LatentMemory` sits after a decoder layer. For each forward call (one
    each slot: ``m' = g·a + (1−g)·m``.
 
 Reading before writing keeps the layer causal inside a segment: token t never sees a memory
-that holds tokens after t. Each slot carries an importance score ``σ(w·m)`` that scales its
-value in the read; the sparsity (L1) and entropy regularisers act on it.
+that holds tokens after t. It also means the memory does not learn within a call
+(``learns_within_call = False``): every token of a segment reads the state the segment started
+from, so generation can decode the last segment call by call against the committed state
+(``session.decoding()`` passes it with ``write=False``) and still equal a teacher-forced pass.
+
+Each slot carries an importance score ``σ(w·m)`` that scales its value in the read; the sparsity
+(L1) and entropy regularisers act on it.
 """
 
 from __future__ import annotations
@@ -98,6 +103,8 @@ class LatentMemory(nn.Module):
     State: a tensor (batch, num_slots, memory_dim) — the slots of each example.
     """
 
+    learns_within_call = False  # reads the state the call starts from, then writes
+
     def __init__(self, config: LatentMemoryConfig, hidden_size: int) -> None:
         super().__init__()
         self.config = config
@@ -164,7 +171,9 @@ class LatentMemory(nn.Module):
         *,
         mask: Tensor,
         write: bool,
+        segment_state: Tensor | None = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        del segment_state  # reads before writes: ``state`` is the segment-start state already
         layer_out = call_layer(hidden)
         h = self.hidden_norm(layer_out.float())
         read_out, importance = self.read(h, state)

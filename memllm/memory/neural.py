@@ -14,11 +14,11 @@ are in :mod:`memllm.memory.neural_update`.
 
 Three ways to attach it to a decoder layer (``arch``); each starts as the identity of the backbone:
 
-- ``context`` (Hercules "memory as context", Titans MAC): the memory as written by *earlier calls*
-  is read with the normalised hidden state; ``[norm(h); M(q)]`` is projected by a zero-initialised
-  matrix and added to ``h``, and the decoder layer runs on that. The memory is then written with
-  the layer's output, and read again at the updated weights; that read-out enters through a gate
-  ``g = s ⊙ σ(W x + b)`` whose scale ``s`` starts at zero.
+- ``context`` (Hercules "memory as context", Titans MAC): the memory as written by *earlier
+  segments* is read with the normalised hidden state; ``[norm(h); M(q)]`` is projected by a
+  zero-initialised matrix and added to ``h``, and the decoder layer runs on that. The memory is
+  then written with the layer's output, and read again at the updated weights; that read-out
+  enters through a gate ``g = s ⊙ σ(W x + b)`` whose scale ``s`` starts at zero.
 - ``layer`` (memory as a layer, before attention): the memory is written and read with the
   normalised layer input; the gated read-out is added to the input of the decoder layer.
 - ``gate`` (Titans MAG): the decoder layer and the memory branch run side by side on the same
@@ -26,16 +26,18 @@ Three ways to attach it to a decoder layer (``arch``); each starts as the identi
 
 **Reads inside a call.** A call (one segment) writes its tokens chunk by chunk, and the read at
 token t uses the memory after the update with token t (Titans: tokens ≤ t; every token's read
-depends only on tokens ≤ t). The context read of ``context`` uses only earlier calls.
+depends only on tokens ≤ t). The context read of ``context`` uses only earlier segments.
 
-**Generation.** With ``write=False`` (``session.read_only()``, i.e. prefill and decoding) the
-module reads exactly as in a teacher-forced call — updating a copy of the memory with the call's
-own tokens — but returns the state unchanged. The prefill (the prompt's last segment) therefore
-matches a teacher-forced pass exactly, including the logits that choose the first new token. A
-decoding step (one token per call, KV cache) reads the memory of the earlier segments plus its
-own token, not the prompt's last segment: it would need the session to carry the read-only
-state between calls (the update is exact in streaming, so that would make generation equal to
-teacher forcing token for token); see ``docs/neural_memory.md``.
+**Generation.** The memory learns within a call (``learns_within_call = True``): a token's
+read depends on the earlier tokens of its own segment through the fast weights. Generation
+decodes the last segment as many calls (the prefill of the prompt's last segment, then one call
+per new token), inside ``session.decoding()``: each call gets the state the previous one
+returned (a scratch copy, dropped at the end; the committed state is unchanged) and, as
+``segment_state``, the state at the start of the segment, which the ``context`` read uses. The
+update is exact in streaming (``base``/``offset`` carry the chunk in progress), so generation
+computes what one teacher-forced call over the prompt's last segment and the generated tokens
+computes, token for token. With ``write=False`` alone (``session.read_only()``) a call is a
+segment of its own that reads the committed memory and whose writes are discarded.
 """
 
 from __future__ import annotations
@@ -146,6 +148,8 @@ class NeuralMemory(nn.Module):
     ``momentum{l}``, chunk-start weights ``base{l}`` (B, in, out) and ``offset`` (B,), float32.
     """
 
+    learns_within_call = True  # each token reads the fast weights after its own chunk's update
+
     def __init__(self, config: NeuralMemoryConfig, hidden_size: int) -> None:
         super().__init__()
         self.config = config
@@ -247,15 +251,24 @@ class NeuralMemory(nn.Module):
         *,
         mask: Tensor,
         write: bool,
+        segment_state: State | None = None,
     ) -> tuple[Tensor, State, dict[str, Tensor]]:
+        """Run the decoder layer with the memory attached (``arch``); see the module contract
+        in :mod:`memllm.memory`. ``state`` is where this call's writes continue from;
+        ``segment_state`` (default: ``state``) is the memory of earlier segments only, which
+        the ``context`` read uses — they differ when a segment is decoded over several calls."""
         arch = self.config.arch
+        if segment_state is None:
+            segment_state = state
         dtype = hidden.dtype
         mask = mask.to(device=hidden.device, dtype=torch.bool)
         context = None
         if arch == "context":
             h = self.context_norm(hidden.float())
             with torch.autocast(hidden.device.type, enabled=False):
-                recalled = read(state, self.queries(h).float())  # earlier calls' memory only
+                # the memory of earlier segments only: the layer's output that writes this
+                # segment does not exist yet when its input is built
+                recalled = read(segment_state, self.queries(h).float())
             context = self.to_context(torch.cat([h, recalled], dim=-1))
             base = call_layer(hidden + context.to(dtype))
             x = self.norm(base.float())
