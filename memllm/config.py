@@ -162,9 +162,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return a copy of ``data`` with dotted ``key=value`` overrides applied."""
-    import copy
-
-    out = copy.deepcopy(data)
+    out = _unshared_copy(data)
     for item in overrides:
         path, value = parse_override(item)
         node = out
@@ -177,6 +175,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             node = child
         node[path[-1]] = value
     return out
+
+
+def _unshared_copy(value: Any) -> Any:
+    """A deep copy in which no two places share an object. YAML aliases (``*anchor``) load as
+    one shared mapping, and ``copy.deepcopy`` keeps that sharing: an override of one arm's
+    aliased ``train`` section would then change every arm that uses the anchor."""
+    if isinstance(value, dict):
+        return {k: _unshared_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared_copy(v) for v in value]
+    return value
 
 
 def field_help(cls: type) -> dict[str, str]:

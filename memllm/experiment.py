@@ -8,7 +8,16 @@ An experiment config names a backbone, a task, the segment length the memory arm
 - ``window`` — the backbone seeing only the last ``segment_length`` tokens;
 - ``finetuned`` — the backbone with LoRA trained on the same data, seeing the same window;
 - ``memory`` — a memory (latent or neural, optionally with LoRA) trained on the same data and
-  reading the whole input segment by segment.
+  reading the whole input segment by segment; with ``untrained: true`` the memory is injected
+  and evaluated without any training (Hercules' "no fine-tuning" ablation). A neural memory still
+  learns at test time, but memllm's memories enter through zero-initialised output gates, so an
+  untrained memory is exactly the bare backbone (identity at initialisation, an invariant of
+  the library): the arm equals ``window`` by construction, and is there to show it.
+
+Training data: ``train_data`` holds options of ``data.task`` that differ for training (train
+short, test long); or, when it names another task (``train_data.task``, e.g. ``corpus`` for
+MemoryLlama's pretraining on FineWeb-Edu before a BabiLong evaluation), that task's own full
+options. The trained arms train and validate on it; every arm is evaluated on ``data``.
 
 Every arm is scored on the same test examples with the task's official metric; results carry
 95 % intervals and paired tests against ``base`` and ``window`` (see :mod:`memllm.report`).
@@ -33,6 +42,14 @@ log = logging.getLogger(__name__)
 ArmKind = Literal["base", "window", "finetuned", "memory"]
 
 
+# How each neural ``arch`` attaches to its decoder layer, for the report's arm descriptions.
+_NEURAL_ARCHS = {
+    "context": "context (Hercules/Titans MAC)",
+    "layer": "a layer before attention",
+    "gate": "a gated branch (Titans MAG)",
+}
+
+
 def _help(text: str, **kwargs) -> Any:
     return field(metadata={"help": text}, **kwargs)
 
@@ -51,8 +68,20 @@ class ArmSettings:
         "evaluate this trained memory folder instead of training one", default=None
     )
     description: str | None = _help("one line for the report", default=None)
+    untrained: bool = _help(
+        "memory arms: inject the memory and evaluate it without training (the no fine-tuning "
+        "ablation; equals window by construction, the memory starting as the identity)",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
+        if self.untrained:
+            check(self.kind == "memory", "untrained", f"a {self.kind} arm has no memory to skip")
+            check(self.memory is not None, "memory", "an untrained arm needs a memory config")
+            check(self.checkpoint is None, "checkpoint", "an untrained arm loads no checkpoint")
+            # LoRA starts as the identity too (B = 0): untrained it would change nothing.
+            check(self.lora is None, "lora", "an untrained arm has no LoRA (it would be a no-op)")
+            check(not self.train, "train", "an untrained arm does not train")
         if self.kind in ("base", "window"):
             check(self.memory is None and self.lora is None, "memory", f"{self.kind}: no memory")
             check(not self.train, "train", f"a {self.kind} arm does not train")
@@ -92,7 +121,9 @@ class ExperimentConfig:
         "task and its options", default_factory=lambda: {"task": "babilong"}
     )
     train_data: dict[str, Any] = _help(
-        "task options that differ for training (e.g. shorter lengths: train short, test long)",
+        "what the trained arms train on: options of data.task that differ (train short, test "
+        "long), or another task with its full options (task: corpus, ...: pretrain, then "
+        "evaluate on data)",
         default_factory=dict,
     )
     segment_length: int = _help(
@@ -109,10 +140,56 @@ class ExperimentConfig:
     seed: int = _help("seed of every arm", default=0)
 
     def __post_init__(self) -> None:
+        from memllm.data import TASKS
+
         check(len(self.arms) > 0, "arms", "needs at least one arm")
         check(self.segment_length > 0, "segment_length", "must be > 0")
         check(isinstance(self.data.get("task"), str), "data.task", "name the task")
-        check("task" not in self.train_data, "train_data.task", "the task is data.task")
+        # Every arm is scored by generating answers; a corpus has none (its place is train_data).
+        check(
+            self.data["task"] != "corpus",
+            "data.task",
+            "the evaluation needs a task with answers; pretrain on a corpus with train_data.task",
+        )
+        task = self.train_data.get("task", self.data["task"])
+        check(
+            isinstance(task, str) and task in TASKS,
+            "train_data.task",
+            f"unknown task {task!r} (known: {', '.join(TASKS)})",
+        )
+        if self.train_task_name == "corpus":
+            metric = self.validation.get("metric", "loss")
+            check(
+                metric == "loss",
+                "validation.metric",
+                f"{metric!r}: the corpus (train_data.task) has no answers to score; use loss",
+            )
+        # Build every arm's run config now, so that a bad memory or train setting in any arm is
+        # an error when the file loads, not after the arms before it have run.
+        for name, arm in self.arms.items():
+            if arm.untrained:
+                from memllm.memory import memory_config_from_dict
+
+                memory_config_from_dict(arm.memory, prefix=f"arms.{name}.memory.")
+            elif arm.kind in ("finetuned", "memory") and arm.checkpoint is None:
+                run = arm_run_config(self, name, arm)
+                check(
+                    self.train_task_name != "corpus" or run.train.max_length is not None,
+                    "train.max_length",
+                    "the corpus (train_data.task) is packed into rows of this many tokens; set it",
+                )
+
+    @property
+    def train_task_name(self) -> str:
+        """The task the trained arms train and validate on."""
+        return self.train_data.get("task", self.data["task"])
+
+    @property
+    def train_task_data(self) -> dict[str, Any]:
+        """``task`` and options of the training data (what a trained arm's run config holds)."""
+        if self.train_task_name != self.data["task"]:
+            return dict(self.train_data)  # another task: data's options are not its options
+        return {**self.data, **self.train_data}
 
 
 def load_experiment_config(path: str | Path, overrides: list[str] | None = None):
@@ -126,15 +203,20 @@ def load_experiment_config(path: str | Path, overrides: list[str] | None = None)
 
 
 def arm_run_config(exp: ExperimentConfig, name: str, arm: ArmSettings) -> RunConfig:
-    """The run config that trains ``arm`` (same model, data, seed, segment length)."""
+    """The run config that trains ``arm``: the experiment's model, seed and segment length, and
+    its training data (``train_data`` over ``data``, or ``train_data`` alone for another task)."""
     train = {**exp.train, **arm.train, "segment_length": exp.segment_length}
+    validation = dict(exp.validation)
+    if exp.train_task_name == "corpus":
+        # A corpus has no answers: validate on its held-out loss, and say so in the saved config.
+        validation.update(generate=False, metric="loss")
     data = {
         "model": to_dict(exp.model),
         "memory": arm.memory,
         "lora": arm.lora,
-        "data": exp.data,
+        "data": exp.train_task_data,
         "train": train,
-        "eval": exp.validation,
+        "eval": validation,
         "log": exp.log,
         "output_dir": str(Path(exp.output_dir) / "arms" / name),
         "seed": exp.seed,
@@ -212,12 +294,16 @@ class Experiment:
             raise ConfigError(f"--arms: no arm named {unknown[0]!r} (have {', '.join(cfg.arms)})")
         self.arm_names = arms or list(cfg.arms)
         options = {k: v for k, v in cfg.data.items() if k != "task"}
+        train_data = cfg.train_task_data
         try:
-            self.task = build_task(cfg.data["task"], options, source_file=str(source or ""))
+            self.task = build_task(
+                cfg.data["task"], options, source_file=str(source or ""), key_prefix="data."
+            )
+            # Tasks build their examples lazily: a corpus on the hub is only read if an arm trains.
             self.train_task = (
                 build_task(
-                    cfg.data["task"],
-                    {**options, **cfg.train_data},
+                    train_data["task"],
+                    {k: v for k, v in train_data.items() if k != "task"},
                     source_file=str(source or ""),
                     key_prefix="train_data.",
                 )
@@ -227,7 +313,9 @@ class Experiment:
             self.run_configs = {
                 name: arm_run_config(cfg, name, arm)
                 for name, arm in cfg.arms.items()
-                if arm.kind in ("finetuned", "memory") and arm.checkpoint is None
+                if arm.kind in ("finetuned", "memory")
+                and arm.checkpoint is None
+                and not arm.untrained
             }
         except ConfigError as err:
             raise with_file(err, source) from None
@@ -242,7 +330,9 @@ class Experiment:
 
         if self._backbone is None:
             m = self.cfg.model
-            self._backbone = memllm.load_backbone(m.name, gguf_file=m.gguf_file, dtype=m.dtype)
+            self._backbone = memllm.load_backbone(
+                m.name, gguf_file=m.gguf_file, dtype=m.dtype, device=_device()
+            )
         return self._backbone
 
     def run(self) -> dict[str, Any]:
@@ -268,6 +358,7 @@ class Experiment:
 
         start = time.perf_counter()
         train_time, train_log, params = None, None, 0
+        sp_head = None  # HotpotQA: the supporting-fact head trained with the arm, if any
         segment = self.cfg.segment_length
         if arm.kind in ("base", "window"):
             model, tokenizer = self.backbone()
@@ -277,15 +368,20 @@ class Experiment:
                 self._note_truncation(tokenizer, segment)
         elif arm.checkpoint is not None:
             model, tokenizer = self._load_checkpoint(arm)
+            sp_head = self._checkpoint_sp_head(arm, model)
+        elif arm.untrained:
+            model, tokenizer = self._untrained_memory(name, arm)
         else:
             from memllm.train import train
 
             cfg = self.run_configs[name]
             result = train(cfg, source=self.source, task=self.train_task)
             model, tokenizer = result.model, result.tokenizer
+            sp_head = result.sp_head
             train_time = time.perf_counter() - start
             train_log = Path(cfg.output_dir) / "log.jsonl"
-        if arm.kind in ("finetuned", "memory"):  # a finetuned arm has no memory parameters
+        # a finetuned arm has no memory parameters; an untrained memory trained none
+        if arm.kind in ("finetuned", "memory") and not arm.untrained:
             trained = memllm.memory_parameters(model) + memllm.lora_parameters(model)
             params = sum(p.numel() for p in trained)
         model.eval()
@@ -303,6 +399,8 @@ class Experiment:
             )
         eval_time = time.perf_counter() - eval_start
         scores = self.task.score(self.examples, outputs)
+        scores.update(self._zsre_scores(name, model, tokenizer, segment))
+        scores.update(self._sp_scores(name, arm, model, tokenizer, segment, outputs, sp_head))
         self._write_predictions(name, outputs, scores)
         return report.build_arm_result(
             name,
@@ -319,21 +417,180 @@ class Experiment:
             extra={"kind": arm.kind, "segment_length": segment},
         )
 
+    def _sp_scores(
+        self, name: str, arm: ArmSettings, model, tokenizer, segment: int, outputs, head=None
+    ) -> dict[str, list[float]]:
+        """HotpotQA: each test example's supporting facts, scored with its answer (``sp_*``,
+        ``joint_*``); nothing for other tasks.
+
+        A trained arm uses the head trained jointly with it (``train.supporting_facts_weight``)
+        or saved in its checkpoint. Every other arm (base, window, untrained, trained without
+        the head) cannot predict supporting facts zero-shot: it gets a probe, the same head
+        trained on this arm's own frozen final hidden states of the training examples. Features
+        come from the arm's own reading of the input (memory arms segment by segment, window and
+        finetuned the last ``segment`` tokens, base its whole window), so a sentence outside what
+        the arm sees gets no score and is never predicted. Writes the official prediction file
+        ``arms/<arm>/hotpot_predictions.json``.
+        """
+        if getattr(self.task, "name", None) != "hotpotqa":
+            return {}
+        from memllm import sp_head as sp
+        from memllm.backbone import hidden_size
+        from memllm.data.supporting_facts import write_hotpot_predictions
+        from memllm.inject import _find_controller
+        from memllm.metrics import first_line
+
+        start = time.perf_counter()
+        size, chat = hidden_size(model), self.cfg.model.chat_template
+        reading = {"segment_length": segment, "chat": chat, "batch_size": self.cfg.eval.batch_size}
+        notes = [
+            f"supporting facts: sentences with head probability ≥ {sp.SELECT_THRESHOLD}, at least "
+            f"the {sp.SELECT_MIN_K} best (every HotpotQA question has two supporting paragraphs)"
+        ]
+        if head is not None:
+            notes.append(f"{name}: supporting facts from the SP head trained with the arm")
+        else:
+            hotpot = getattr(self.train_task, "name", None) == "hotpotqa"
+            train_task = self.train_task if hotpot else self.task  # a corpus has no sentences
+            train = train_task.examples("train")
+            probe = sp.build_head(size, self.cfg.seed)
+            features = sp.sentence_features(model, tokenizer, train, head=probe, **reading)
+            head = sp.fit_probe(features, train, size, seed=self.cfg.seed)
+            notes.append(
+                f"{name}: supporting facts from a probe, the SP head trained {sp.PROBE_EPOCHS} "
+                f"epochs on this arm's frozen final hidden states of the {len(train)} training "
+                "examples (no SP training of the model itself)"
+                + (
+                    ""
+                    if _find_controller(model)
+                    else f"; it reads the last {segment} tokens of each input, sentences "
+                    "before them get no score"
+                )
+            )
+        head = head.to(next(model.parameters()).device)
+        features = sp.sentence_features(model, tokenizer, self.examples, head=head, **reading)
+        facts = sp.predict_supporting_facts(head, features, self.examples)
+        scores = self.task.score(self.examples, outputs, supporting_facts=facts)
+        write_hotpot_predictions(
+            self.out / "arms" / name / "hotpot_predictions.json",
+            [ex.meta["_id"] for ex in self.examples],
+            [first_line(o) for o in outputs],
+            facts,
+        )
+        self.notes += [n for n in notes if n not in self.notes]
+        log.info("arm %s: supporting facts in %.1f s", name, time.perf_counter() - start)
+        return {k: v for k, v in scores.items() if k.startswith(("sp_", "joint_"))}
+
+    def _checkpoint_sp_head(self, arm: ArmSettings, model):
+        """HotpotQA: the supporting-fact head saved with a checkpoint arm's memory (None if it
+        has none). Strict when the config trains the head: then a checkpoint without one is an
+        error, raised before the arm spends time generating."""
+        if getattr(self.task, "name", None) != "hotpotqa":
+            return None
+        from memllm import sp_head as sp
+        from memllm.backbone import hidden_size
+
+        weight = {**self.cfg.train, **arm.train}.get("supporting_facts_weight", 0)
+        if weight > 0 or (Path(arm.checkpoint) / sp.SP_HEAD_FILE).is_file():
+            return sp.load_sp_head(arm.checkpoint, hidden_size(model))
+        return None
+
+    def _zsre_scores(self, name: str, model, tokenizer, segment: int) -> dict[str, list[float]]:
+        """ZsRE's teacher-forced accuracies of this arm (nothing for other tasks).
+
+        The model reads each question as the arm reads it in generation: a memory arm writes
+        the earlier segments into a fresh memory per batch and reads the last one, the window
+        and finetuned arms see the last ``segment`` tokens, base its whole window. Locality
+        (``loc_unchanged``) compares with the bare backbone. A variant that some test records
+        lack (no paraphrase or locality question) is left out with a note: an interval over a
+        subset would not pair with the other metrics' examples.
+        """
+        if getattr(self.task, "name", None) != "zsre":
+            return {}
+        from memllm.data.zsre import teacher_forced_metrics
+
+        start = time.perf_counter()
+        per = teacher_forced_metrics(
+            model,
+            tokenizer,
+            self.examples,
+            batch_size=self.cfg.eval.batch_size,
+            segment_length=segment,
+            chat=self.cfg.model.chat_template,
+            add_special_tokens=False,  # prompts are tokenised as in training and generation
+            reference_model=self.backbone()[0],
+        )
+        notes = [
+            "zsre: token_acc, seq_acc and their rephrase_/loc_ variants are teacher-forced on "
+            "each arm's own reading of the question (memory arms segment by segment, window and "
+            "finetuned arms the last segment_length tokens, base the whole input); loc_unchanged "
+            "compares with the bare backbone"
+        ]
+        kept = {}
+        for metric, values in per.items():
+            missing = sum(v != v for v in values)  # nan: the record has no such question
+            if missing:
+                notes.append(
+                    f"zsre: {metric} not reported: {missing} of {len(values)} test records "
+                    "have no such question"
+                )
+            else:
+                kept[metric] = values
+        self.notes += [n for n in notes if n not in self.notes]
+        log.info("arm %s: zsre teacher-forced metrics in %.1f s", name, time.perf_counter() - start)
+        return kept
+
     @staticmethod
     def _describe(name: str, arm: ArmSettings) -> str:
-        from memllm.report import ARM_DESCRIPTIONS
+        from memllm.report import ARM_DESCRIPTIONS as D
 
-        if name in ARM_DESCRIPTIONS:
-            return ARM_DESCRIPTIONS[name]
-        kind = arm.memory.get("type", "latent") if isinstance(arm.memory, dict) else arm.kind
-        text = ARM_DESCRIPTIONS.get(kind, arm.kind)
-        return text + (" + LoRA" if arm.lora is not None and arm.kind == "memory" else "")
+        if arm.kind != "memory" or not isinstance(arm.memory, dict):
+            return D.get(name) or D.get(arm.kind, arm.kind)
+        # A memory arm is described by its config, not its name: "latent" may be an ablation.
+        mem = arm.memory
+        kind = mem.get("type", "latent")
+        parts = [D.get(kind, kind)]
+        if kind == "neural":
+            arch = mem.get("arch", "context")
+            parts[0] += f", as {_NEURAL_ARCHS.get(arch, arch)}"
+        if "layer_ids" in mem:
+            parts[0] += f", layers {mem['layer_ids']}"
+        if kind == "latent" and mem.get("update_gate") is False:
+            parts.append(D["no_gate"])
+        if kind == "latent" and mem.get("sparsity_weight") == 0 and mem.get("entropy_weight") == 0:
+            parts.append(D["no_reg"])
+        text = "; ".join(parts) + (" + LoRA" if arm.lora is not None else "")
+        return f"{text}; {D['untrained']}" if arm.untrained else text
+
+    def _untrained_memory(self, name: str, arm: ArmSettings):
+        """A fresh backbone with the arm's memory injected as initialised, never trained."""
+        from accelerate.utils import set_seed
+
+        import memllm
+        from memllm.backbone import decoder_stack
+        from memllm.inject import resolve_layer_ids
+
+        m = self.cfg.model
+        model, tokenizer = memllm.load_backbone(
+            m.name, gguf_file=m.gguf_file, dtype=m.dtype, device=_device()
+        )
+        memory = memllm.memory_config_from_dict(arm.memory, prefix=f"arms.{name}.memory.")
+        _, layers = decoder_stack(model)
+        try:
+            resolve_layer_ids(list(memory.layer_ids), len(layers), f"arms.{name}.memory.layer_ids")
+        except ConfigError as err:
+            raise with_file(err, self.source) from None
+        set_seed(self.cfg.seed)  # the initial weights a trained arm starts from (memllm.train)
+        memllm.inject_memory(model, memory)
+        return model, tokenizer
 
     def _load_checkpoint(self, arm: ArmSettings):
         import memllm
 
         m = self.cfg.model
-        model, tokenizer = memllm.load_backbone(m.name, gguf_file=m.gguf_file, dtype=m.dtype)
+        model, tokenizer = memllm.load_backbone(
+            m.name, gguf_file=m.gguf_file, dtype=m.dtype, device=_device()
+        )
         memllm.load_memory(model, arm.checkpoint)
         return model, tokenizer
 
@@ -366,6 +623,12 @@ class Experiment:
                     **{k: v[i] for k, v in scores.items()},
                 }
                 f.write(json.dumps(row) + "\n")
+
+
+def _device() -> str | None:
+    """Where evaluated models go: the GPU when there is one (trained arms come from
+    accelerate, which picks it too); None keeps the CPU."""
+    return "cuda" if torch.cuda.is_available() else None
 
 
 def run_experiment(path: str | Path, overrides: list[str] | None = None, arms=None):

@@ -77,6 +77,10 @@ class FeatureCache:
         self.head = model.get_output_embeddings()
         self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
         self.features: dict[str, Tensor] = {}
+        # Set by callers that hook the final norm for every position's hidden state (the
+        # supporting-fact head): the norm then runs on whole segments, the LM head still only
+        # where there are targets.
+        self.full_hidden = False
 
     def __len__(self) -> int:
         return len(self.features)
@@ -151,10 +155,12 @@ class FeatureCache:
             seg_targets = targets[:, start:end]
             keep = _logits_to_keep(seg_targets, full=False)
             n = int((seg_targets != -100).sum())
+            normed = self.norm(out) if self.full_hidden else None
             if not n:
                 continue
-            out, seg_targets = out[:, -keep:], seg_targets[:, -keep:]
-            logits = self.head(self.norm(out))
+            seg_targets = seg_targets[:, -keep:]
+            normed = normed[:, -keep:] if normed is not None else self.norm(out[:, -keep:])
+            logits = self.head(normed)
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
             loss = nn.functional.cross_entropy(

@@ -20,7 +20,9 @@ reproduced exactly, quirks included:
   ``token_acc`` (ROME/MEMIT/Larimar: teacher-forced, the argmax at each answer position equals
   the gold token, averaged over the answer's tokens, then over records), ``seq_acc`` (MEND: a
   record counts only when all its answer tokens are right) and ``exact_match`` (greedy
-  generation, first line, SQuAD-normalised, equals a gold answer).
+  generation, first line, SQuAD-normalised, equals a gold answer); with paraphrase (``rephrase_*``)
+  and locality (``loc_*``) variants. :func:`teacher_forced_argmax` reads the prompt as a memllm
+  model does in generation (segment by segment through the memory, or the last window only).
 """
 
 from __future__ import annotations
@@ -274,28 +276,77 @@ def hotpot_evaluate(prediction: dict[str, Any], gold: Sequence[dict[str, Any]]) 
     return {k: (sum(per[k]) / n if n else 0.0) for k in HOTPOT_KEYS}
 
 
+HOTPOT_DEFINITIONS: dict[str, str] = {
+    "em": "HotpotQA answer exact match (hotpot_evaluate_v1 normalisation) of the first line",
+    "f1": "HotpotQA answer token F1 (0 when a yes/no/noanswer side differs)",
+    "prec": "HotpotQA answer token precision",
+    "recall": "HotpotQA answer token recall",
+    "sp_em": "supporting facts: the predicted (title, sent_id) set equals the gold set",
+    "sp_f1": "supporting facts: F1 of the predicted (title, sent_id) set against the gold set",
+    "sp_prec": "supporting facts: precision of the predicted set",
+    "sp_recall": "supporting facts: recall of the predicted set",
+    "joint_em": "answer em × sp_em",
+    "joint_f1": "F1 of joint precision (prec × sp_prec) and joint recall (recall × sp_recall)",
+    "joint_prec": "prec × sp_prec",
+    "joint_recall": "recall × sp_recall",
+}
+
+HOTPOT_KINDS: dict[str, str] = {
+    k: "binary" if k.endswith("em") else "continuous" for k in HOTPOT_DEFINITIONS
+}
+"""EM-like values are 0/1 (Wilson interval); F1, precision and recall are fractions (bootstrap),
+even when every value of a run happens to be 0 or 1."""
+
+
 # --------------------------------------------------------------------------------------------
 # ZsRE
 # --------------------------------------------------------------------------------------------
 
 ZSRE_DEFINITIONS: dict[str, str] = {
     "token_acc": (
-        "ROME/MEMIT/Larimar: teacher-forced; at each position of the gold answer (answers[0], "
-        "tokenised with a leading space) the argmax next token equals the gold token; averaged "
-        "over the answer's tokens, then over records"
+        "ROME/MEMIT/Larimar teacher-forced token accuracy: at each position of the gold answer "
+        "(answers[0]), given the gold prefix, the argmax next token equals the gold token; "
+        "averaged over the answer's tokens, then over records"
     ),
-    "seq_acc": "MEND: teacher-forced; a record counts 1 only when every answer token is right",
+    "seq_acc": (
+        "MEND teacher-forced sequence accuracy: a record counts 1 only when every answer token "
+        "is the argmax given the gold prefix"
+    ),
     "exact_match": (
         "greedy generation, cut at the first newline, SQuAD-normalised, equals a gold answer"
     ),
     "rephrase_token_acc": "generalisation: token_acc on the paraphrased question(s)",
     "rephrase_seq_acc": "generalisation: seq_acc on the paraphrased question(s)",
     "loc_token_acc": (
-        "locality: token_acc of loc_ans after the loc question; compare with the bare backbone "
-        "(unchanged behaviour means the same number)"
+        "locality (ROME/MEMIT neighbourhood): token_acc of loc_ans after the unrelated loc "
+        "question; compare with the bare backbone (unchanged behaviour means the same number)"
     ),
     "loc_seq_acc": "locality: seq_acc of loc_ans after the loc question",
+    "loc_unchanged": (
+        "locality as unchanged behaviour (EasyEdit): teacher-forced on loc_ans after the loc "
+        "question, the fraction of positions whose argmax equals the bare backbone's; 1 = "
+        "unaffected"
+    ),
 }
+
+ZSRE_KINDS: dict[str, str] = {
+    "token_acc": "continuous",
+    "seq_acc": "binary",
+    "exact_match": "binary",
+    "rephrase_token_acc": "continuous",
+    "rephrase_seq_acc": "continuous",  # averaged over a record's paraphrases
+    "loc_token_acc": "continuous",
+    "loc_seq_acc": "binary",
+    "loc_unchanged": "continuous",
+}
+"""Per-record value kinds by definition: a mean of token fractions is continuous (bootstrap
+interval) even when every answer happens to be one token; 0/1 values are binary (Wilson)."""
+
+METRIC_DEFINITIONS: dict[str, str] = {**HOTPOT_DEFINITIONS, **ZSRE_DEFINITIONS}
+"""Metric name → definition, shown in reports next to the numbers."""
+
+METRIC_KINDS: dict[str, str] = {**HOTPOT_KINDS, **ZSRE_KINDS}
+"""Metric name → ``binary`` / ``continuous`` by definition (reports choose intervals by it)."""
 
 
 def first_line(text: str) -> str:
@@ -309,6 +360,111 @@ def zsre_exact_match(output: str, answers: Sequence[str]) -> float:
     return float(any(pred == normalize_answer(a) for a in answers))
 
 
+def teacher_forced_argmax(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    targets: Sequence[str],
+    *,
+    segment_length: int | None = None,
+    batch_size: int = 16,
+    add_special_tokens: bool = True,
+) -> list[tuple[list[int], list[int]]]:
+    """For each record, the gold target token ids and the model's argmax at those positions.
+
+    The model reads each prompt as :func:`memllm.generation.generate_ids` does before decoding:
+    the prompt is cut into ``segment_length``-token segments aligned to its end; a model with
+    memory writes all but the last segment into a fresh memory session (one per batch of
+    independent records, so nothing leaks between batches), then reads the last segment followed
+    by the target with the memory read-only; a model without memory sees only the last segment
+    and the target (the window baselines). ``segment_length=None`` reads the whole prompt.
+
+    The target text is appended verbatim (tokenised without special tokens), the prompt is
+    tokenised with ``add_special_tokens`` (ROME's construction: the tokenizer's default; memllm's
+    training and generation: without). Prompts are left-padded and targets right-padded with
+    explicit position ids, so a batch gives what its records give one at a time.
+
+    Returns:
+        ``[(gold_ids, argmax_ids), ...]`` in the order of ``prompts``.
+    """
+    import torch
+
+    from memllm.inject import _find_controller, memory_session
+    from memllm.segments import (
+        _accepts_logits_to_keep,
+        forward_segments,
+        positions_from_mask,
+        segment_bounds,
+    )
+
+    if len(prompts) != len(targets):
+        raise DataError(f"zsre: {len(prompts)} prompts but {len(targets)} answers")
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = tokenizer.eos_token_id or 0
+    device = next(model.parameters()).device
+    has_memory = _find_controller(model) is not None
+    encoded = []
+    for p, t in zip(prompts, targets, strict=True):
+        p_ids = list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"])
+        t_ids = list(tokenizer(t, add_special_tokens=False)["input_ids"])
+        if not p_ids:
+            raise DataError(f"zsre: empty prompt for answer {t!r}")
+        if not t_ids:
+            raise DataError(f"zsre: empty answer for prompt {p!r}")
+        encoded.append((p_ids, t_ids))
+    # Longest prompts together: less padding, and fewer segments for the short ones.
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
+    results: list[tuple[list[int], list[int]] | None] = [None] * len(encoded)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width_p = max(len(encoded[i][0]) for i in chunk)
+        width_t = max(len(encoded[i][1]) for i in chunk)
+        ids = torch.full((len(chunk), width_p + width_t), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, i in enumerate(chunk):
+            p_ids, t_ids = encoded[i]
+            ids[row, width_p - len(p_ids) : width_p] = torch.tensor(p_ids)
+            ids[row, width_p : width_p + len(t_ids)] = torch.tensor(t_ids)
+            mask[row, width_p - len(p_ids) : width_p + len(t_ids)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        last_start = segment_bounds(width_p, segment_length or width_p)[-1][0]
+        visible, visible_mask = ids[:, last_start:], mask[:, last_start:]
+        # The logits at the prompt's last token and at every target token but the last are the
+        # ones that predict the target; nothing before them needs the LM head.
+        keep = width_t + 1
+        kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(type(model)) else {}
+        call = {
+            "input_ids": visible,
+            "attention_mask": visible_mask,
+            "position_ids": positions_from_mask(visible_mask),
+            **kwargs,
+        }
+        with torch.no_grad():
+            if has_memory:
+                with memory_session(model) as session:
+                    if last_start > 0:  # the earlier segments go into the memory
+                        forward_segments(
+                            model,
+                            ids[:, :last_start],
+                            mask[:, :last_start],
+                            segment_length=segment_length or width_p,
+                            session=session,
+                            keep_logits=False,
+                        )
+                    with session.read_only():
+                        logits = model(**call, use_cache=False).logits
+            else:
+                logits = model(**call).logits
+        pred = logits[:, -keep:].argmax(-1).cpu()
+        for row, i in enumerate(chunk):
+            t_ids = encoded[i][1]
+            # The token at position t is predicted by the logits at t - 1: column 0 of the kept
+            # logits is the prompt's last token, which predicts the target's first token.
+            results[i] = (t_ids, pred[row, : len(t_ids)].tolist())
+    return [r for r in results if r is not None]
+
+
 def teacher_forced_correct(
     model,
     tokenizer,
@@ -317,56 +473,27 @@ def teacher_forced_correct(
     *,
     batch_size: int = 16,
     answer_prefix: str = " ",
+    segment_length: int | None = None,
+    add_special_tokens: bool = True,
 ) -> list[list[bool]]:
     """For each record, whether each gold answer token is the model's argmax (teacher forcing).
 
     The prompt is tokenised as the tokenizer does by default (special tokens included), the
     answer separately as ``answer_prefix + answer`` without special tokens, and the two id lists
     are concatenated — ROME's construction. Batches are left-padded with explicit position ids,
-    so a batch gives the same result as its records one at a time.
+    so a batch gives the same result as its records one at a time. ``segment_length`` and
+    ``add_special_tokens``: see :func:`teacher_forced_argmax`.
     """
-    import torch
-
-    if len(prompts) != len(answers):
-        raise DataError(f"zsre: {len(prompts)} prompts but {len(answers)} answers")
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        pad_id = tokenizer.eos_token_id or 0
-    device = next(model.parameters()).device
-    results: list[list[bool]] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk_p = prompts[start : start + batch_size]
-        chunk_a = answers[start : start + batch_size]
-        rows, spans = [], []
-        for p, a in zip(chunk_p, chunk_a, strict=True):
-            p_ids = tokenizer(p)["input_ids"]
-            a_ids = tokenizer(answer_prefix + a.strip(), add_special_tokens=False)["input_ids"]
-            if not a_ids:
-                raise DataError(f"zsre: empty answer for prompt {p!r}")
-            rows.append(list(p_ids) + list(a_ids))
-            spans.append((len(p_ids), len(a_ids)))
-        width = max(len(r) for r in rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-            mask[i, width - len(r) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            logits = model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=positions.to(device),
-            ).logits
-        pred = logits.argmax(-1).cpu()
-        for i, (r, (n_prompt, n_answer)) in enumerate(zip(rows, spans, strict=True)):
-            offset = width - len(r)
-            # The token at position t is predicted by the logits at t - 1.
-            first = offset + n_prompt
-            guess = pred[i, first - 1 : first - 1 + n_answer].tolist()
-            gold = r[n_prompt:]
-            results.append([g == t for g, t in zip(guess, gold, strict=True)])
-    return results
+    pairs = teacher_forced_argmax(
+        model,
+        tokenizer,
+        prompts,
+        [answer_prefix + a.strip() for a in answers],
+        segment_length=segment_length,
+        batch_size=batch_size,
+        add_special_tokens=add_special_tokens,
+    )
+    return [[g == p for g, p in zip(gold, pred, strict=True)] for gold, pred in pairs]
 
 
 def zsre_token_accuracy(model, tokenizer, prompts, answers, *, batch_size: int = 16) -> list[float]:

@@ -14,7 +14,8 @@ examples against the reference arms (:func:`add_comparisons`), and :func:`write_
     {"experiment": {"name", "config", "seed", "created", "memllm_version", "device", "notes",
                     "primary_metric", "schema_version"},
      "arms": {arm: {"name", "description",
-                    "metrics": {metric: {"value", "ci95": [low, high], "n", "method"}},
+                    "metrics": {metric: {"value", "ci95": [low, high], "n", "method",
+                                         "description"}},         # description when known
                     "groups": {"qa1/2k": {metric: {...}}},
                     "lengths": {"2k": {metric: {...}}},            # when groups carry lengths
                     "comparisons": {"vs_base": {metric: paired_test(...)}, "vs_window": {...}},
@@ -49,7 +50,8 @@ from typing import Any
 import numpy as np
 
 from memllm.errors import DataError
-from memllm.stats import ALPHA, Kind, paired_test, resolve_kind, summarize
+from memllm.metrics import METRIC_DEFINITIONS, METRIC_KINDS
+from memllm.stats import ALPHA, Kind, is_binary, paired_test, resolve_kind, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +66,10 @@ ARM_DESCRIPTIONS = {
     "finetuned": "backbone + LoRA trained on the same data, no memory",
     "latent": "gated latent memory (G-MemLLM) read segment by segment",
     "neural": "Titans neural memory (test-time gradient updates) read segment by segment",
+    "no_gate": "no update gate (slots overwritten, G-MemLLM ablation)",
+    "no_reg": "no sparsity/entropy regularisers (ablation)",
+    "untrained": "untrained (no fine-tuning ablation): the memory starts as the identity, "
+    "so this equals window by construction",
 }
 """Default descriptions, used when an arm is built without one."""
 
@@ -150,6 +156,7 @@ def build_arm_result(
     seed: int | None = None,
     train_log: str | Path | Sequence[Mapping[str, Any]] | None = None,
     kinds: Mapping[str, Kind] | None = None,
+    descriptions: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
     confidence: float = 0.95,
     n_resamples: int = 10_000,
@@ -170,7 +177,10 @@ def build_arm_result(
         trainable_params: number of trained parameters (0 for frozen baselines).
         seed: the arm's seed.
         train_log: the training log (a JSONL path, or its records) for the training plots.
-        kinds: metric → ``"binary"`` / ``"continuous"`` to override the auto-detection.
+        kinds: metric → ``"binary"`` / ``"continuous"``; otherwise the kind the metric's
+            definition gives (:data:`memllm.metrics.METRIC_KINDS`), else detected from the values.
+        descriptions: metric → its definition, stored with its numbers and shown in the
+            report; defaults from :data:`memllm.metrics.METRIC_DEFINITIONS`.
         extra: anything else worth keeping (JSON-serialisable).
         confidence: interval level.
         n_resamples: bootstrap resamples for continuous metrics.
@@ -217,8 +227,11 @@ def build_arm_result(
     metrics: dict[str, Any] = {}
     resolved: dict[str, str] = {}
     for metric, arr in values.items():
-        resolved[metric] = resolve_kind(kinds.get(metric, "auto"), arr)
+        resolved[metric] = resolve_kind(kinds.get(metric) or _defined_kind(metric, arr), arr)
         metrics[metric] = summarize(arr, resolved[metric], **stat_args)
+        text = (descriptions or {}).get(metric) or METRIC_DEFINITIONS.get(metric)
+        if text:
+            metrics[metric]["description"] = str(text)
 
     group_results: dict[str, Any] = {}
     if group_keys is not None:
@@ -255,6 +268,16 @@ def build_arm_result(
     }
     arm["lengths"] = length_summaries(arm, **stat_args)
     return arm
+
+
+def _defined_kind(metric: str, values: np.ndarray) -> Kind:
+    """The kind a metric's definition gives; a mean of fractions stays continuous even when
+    every value happens to be 0 or 1 (one-token answers), so its interval does not change
+    method from arm to arm. A name reused for non-0/1 values falls back to detection."""
+    kind = METRIC_KINDS.get(metric, "auto")
+    if kind == "binary" and not is_binary(values):
+        return "auto"
+    return kind  # type: ignore[return-value]
 
 
 def make_results(experiment: Mapping[str, Any], arms: Iterable[Mapping[str, Any]]) -> dict:
@@ -521,6 +544,21 @@ def metric_names(results: Mapping[str, Any]) -> list[str]:
     return names
 
 
+def headline_metrics(results: Mapping[str, Any]) -> list[str]:
+    """The metrics of the tables and plots that show every arm at a glance: all but the
+    precision and recall behind a reported F1 (HotpotQA's ``prec``/``recall``,
+    ``sp_prec``/``sp_recall``, ...), which get a table of their own."""
+    names = metric_names(results)
+    return [m for m in names if not _behind_f1(m, names)]
+
+
+def _behind_f1(metric: str, names: Sequence[str]) -> bool:
+    for part in ("prec", "recall"):
+        if metric == part or metric.endswith(f"_{part}"):
+            return metric.removesuffix(part) + "f1" in names
+    return False
+
+
 def primary_metric(results: Mapping[str, Any]) -> str | None:
     """The experiment's ``primary_metric``, else the first of :data:`PRIMARY_METRICS` present."""
     names = metric_names(results)
@@ -623,9 +661,12 @@ def _metric_header(metric: str, pct: set[str]) -> str:
 
 def _comparison_rows(results: Mapping[str, Any], pct: set[str]) -> list[list[str]]:
     rows = []
+    shown = set(headline_metrics(results))  # precision/recall comparisons stay in results.json
     for name, arm in results["arms"].items():
         for ref_key, tests in arm.get("comparisons", {}).items():
             for metric, t in tests.items():
+                if metric not in shown:
+                    continue
                 low, high = t["ci95"]
                 rows.append(
                     [
@@ -685,15 +726,28 @@ def render_markdown(
         out.append(f"- **{name}**" + (f": {desc}" if desc else ""))
     out.append("")
 
+    definitions = metric_definitions(results)
+    if metrics:
+        out += ["## Metrics", ""]
+        rows = [[f"`{m}`", definitions.get(m, "–"), _interval_name(results, m)] for m in metrics]
+        out += [_md_table(["metric", "definition", "95 % interval"], rows, align="lll"), ""]
+
     out += ["## Main results", ""]
-    rows = []
-    for name, arm in arms.items():
-        ns = {s["n"] for s in arm["metrics"].values()}
-        rows.append(
-            [name, "/".join(str(n) for n in sorted(ns))]
-            + [_fmt_summary(arm["metrics"].get(m), m in pct) for m in metrics]
-        )
-    out += [_md_table(["arm", "n", *(_metric_header(m, pct) for m in metrics)], rows), ""]
+    shown = headline_metrics(results)
+    details = [m for m in metrics if m not in shown]
+    for columns in (shown, details):
+        if not columns:
+            continue
+        if columns is details:
+            out += ["**Precision and recall** behind the F1 columns", ""]
+        rows = []
+        for name, arm in arms.items():
+            ns = {arm["metrics"][m]["n"] for m in columns if m in arm["metrics"]}
+            rows.append(
+                [name, "/".join(str(n) for n in sorted(ns))]
+                + [_fmt_summary(arm["metrics"].get(m), m in pct) for m in columns]
+            )
+        out += [_md_table(["arm", "n", *(_metric_header(m, pct) for m in columns)], rows), ""]
 
     comparison_rows = _comparison_rows(results, pct)
     if comparison_rows:
@@ -739,7 +793,7 @@ def render_markdown(
     if len(group_keys) > 1:
         out += ["## Per group", ""]
         first = next(iter(arms.values()))
-        for metric in metrics:
+        for metric in shown:
             out += [f"**{_metric_header(metric, pct)}**", ""]
             rows = []
             for key in group_keys:
@@ -783,9 +837,31 @@ def render_markdown(
     return "\n".join(out)
 
 
+def metric_definitions(results: Mapping[str, Any]) -> dict[str, str]:
+    """Metric → its definition, from the first arm that states one."""
+    out: dict[str, str] = {}
+    for arm in results["arms"].values():
+        for metric, summary in arm["metrics"].items():
+            if summary.get("description") and metric not in out:
+                out[metric] = summary["description"]
+    return out
+
+
+def _interval_name(results: Mapping[str, Any], metric: str) -> str:
+    methods = {
+        arm["metrics"][metric].get("method")
+        for arm in results["arms"].values()
+        if metric in arm["metrics"]
+    }
+    names = {"wilson": "Wilson (0/1 values)", "bootstrap": "bootstrap of the mean"}
+    return ", ".join(names.get(m, str(m)) for m in sorted(methods, key=str)) or "–"
+
+
 def format_table(results: Mapping[str, Any]) -> str:
-    """Plain-text tables for the console: metrics per arm, then the paired comparisons."""
-    metrics = metric_names(results)
+    """Plain-text tables for the console: metrics per arm (the precision and recall behind an
+    F1 in a second table), then the paired comparisons, then the definition of each metric that
+    states one."""
+    metrics = headline_metrics(results)
     pct = percent_metrics(results)
     rows = [["arm", "n", *(_metric_header(m, pct) for m in metrics), "trainable"]]
     for name, arm in results["arms"].items():
@@ -797,10 +873,23 @@ def format_table(results: Mapping[str, Any]) -> str:
             + ["–" if _missing(params) else _fmt_count(params).split(" (")[0]]
         )
     text = _align_columns(rows)
+    details = [m for m in metric_names(results) if m not in metrics]
+    if details:
+        rows = [["arm", "n", *(_metric_header(m, pct) for m in details)]]
+        for name, arm in results["arms"].items():
+            ns = sorted({arm["metrics"][m]["n"] for m in details if m in arm["metrics"]})
+            rows.append(
+                [name, "/".join(map(str, ns))]
+                + [_fmt_summary(arm["metrics"].get(m), m in pct) for m in details]
+            )
+        text += "\n\n" + _align_columns(rows)
     comparison_rows = _comparison_rows(results, pct)
     if comparison_rows:
         header = ["arm", "vs", "metric", "Δ", "95% CI", "p", "test", "sig"]
         text += "\n\n" + _align_columns([header, *comparison_rows])
+    definitions = metric_definitions(results)
+    if definitions:
+        text += "\n\n" + "\n".join(f"{m}: {d}" for m, d in definitions.items())
     return text
 
 
@@ -881,7 +970,7 @@ def _plot_metrics(
 ) -> list[tuple[str, str, str]]:
     """(e) Bars per arm with 95 % intervals, one panel per metric (primary first)."""
     arms = list(results["arms"])
-    metrics = metric_names(results)
+    metrics = headline_metrics(results)
     primary = primary_metric(results)
     if not arms or not metrics:
         return []

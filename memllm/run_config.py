@@ -122,6 +122,13 @@ class TrainSettings:
             "skip the backbone afterwards"
         },
     )
+    supporting_facts_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "hotpotqa: also train a supporting-fact head on the final hidden states; "
+            "loss += weight × its BCE (0 = no head)"
+        },
+    )
     save_every: int = field(
         default=100, metadata={"help": "checkpoint every N steps (0 = only at the end)"}
     )
@@ -147,6 +154,7 @@ class TrainSettings:
             check(self.bptt_segments > 0, "bptt_segments", "must be > 0 (or null)")
         if self.max_length is not None:
             check(self.max_length > 1, "max_length", f"must be > 1, got {self.max_length}")
+        check(self.supporting_facts_weight >= 0, "supporting_facts_weight", "must be >= 0")
         check(self.save_every >= 0, "save_every", "must be >= 0")
         check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
 
@@ -301,6 +309,11 @@ class RunConfig:
             "name the task (babilong, hotpotqa, zsre or corpus)",
         )
         check(bool(self.output_dir), "output_dir", "must not be empty")
+        check(
+            self.train.supporting_facts_weight == 0 or self.data["task"] == "hotpotqa",
+            "train.supporting_facts_weight",
+            f"supporting facts are HotpotQA's; data.task is {self.data['task']!r} (set it to 0)",
+        )
         if self.train.feature_cache:
             check(
                 self.lora is None,

@@ -73,6 +73,8 @@ class Item:
     ids: list[int]
     labels: list[int]
     prompt_len: int
+    sp_spans: list[tuple[int, int]] | None = None  # HotpotQA: sentences kept whole, in ``ids``
+    sp_labels: list[int] | None = None  # 1 = supporting fact, one per span
 
 
 @dataclass
@@ -290,6 +292,7 @@ class TrainResult:
     tokenizer: Any
     output_dir: Path
     summary: dict[str, Any] = field(default_factory=dict)
+    sp_head: nn.Module | None = None  # the supporting-fact head, when trained with the memory
 
 
 class Trainer:
@@ -326,6 +329,17 @@ class Trainer:
         self.has_memory = _find_controller(model) is not None
         model.requires_grad_(False)
         self.params = trainable_parameters(model)
+        self.sp_head = None
+        if cfg.train.supporting_facts_weight > 0:
+            from memllm.backbone import hidden_size
+            from memllm.sp_head import build_head, final_norm
+
+            try:
+                final_norm(model)  # fail before training if the hidden states cannot be read
+            except ConfigError as err:
+                raise with_file(err, source) from None
+            self.sp_head = build_head(hidden_size(model), cfg.seed).to(acc.device)
+            self.params += list(self.sp_head.parameters())
         for p in self.params:
             p.requires_grad_(True)
         self._sync_initial_weights()
@@ -342,10 +356,17 @@ class Trainer:
         limits = [x for x in (t.max_length, None if self.has_memory else t.segment_length) if x]
         max_len = min(limits) if limits else None
         chat = cfg.model.chat_template
-        self.train_items, _ = encode_split(self.task, tokenizer, "train", max_len, chat=chat)
+        self.train_items, train_examples = encode_split(
+            self.task, tokenizer, "train", max_len, chat=chat
+        )
         self.eval_items, self.eval_examples = encode_split(
             self.task, tokenizer, cfg.eval.split, max_len, cfg.eval.max_examples, chat=chat
         )
+        if self.sp_head is not None:
+            from memllm.sp_head import attach_sentence_spans
+
+            attach_sentence_spans(self.train_items, train_examples, tokenizer, chat=chat)
+            attach_sentence_spans(self.eval_items, self.eval_examples, tokenizer, chat=chat)
         self.global_batch = t.batch_size * t.grad_accum_steps * self.world
         self.steps_per_epoch = len(self.train_items) // self.global_batch
         if self.steps_per_epoch == 0:
@@ -388,7 +409,9 @@ class Trainer:
         reason = unsupported_reason(self.model, has_lora=self.cfg.lora is not None)
         if reason:
             raise with_file(ConfigError(f"train.feature_cache: {reason}"), self.source)
-        return FeatureCache(self.model)
+        cache = FeatureCache(self.model)
+        cache.full_hidden = self.sp_head is not None  # the SP head reads every position
+        return cache
 
     def _check_eval_metric(self) -> None:
         e = self.cfg.eval
@@ -431,6 +454,28 @@ class Trainer:
                 self.memory_state = session.state()
         return out, diagnostics
 
+    def forward_with_sp(
+        self, batch: Batch, *, training: bool
+    ) -> tuple[SegmentOutput, dict[str, float], Tensor | None]:
+        """:meth:`forward`, plus the supporting-fact loss when the run trains the SP head.
+
+        The head reads the final hidden states of every segment (sentences sit in early ones),
+        concatenated back into the whole left-padded input.
+        """
+        if self.sp_head is None:
+            return (*self.forward(batch, training=training), None)
+        from memllm.data.supporting_facts import pad_labels, shift_spans
+        from memllm.sp_head import capture_final_hidden
+
+        with capture_final_hidden(self.model) as seen:
+            out, diagnostics = self.forward(batch, training=training)
+        hidden = torch.cat(seen, dim=1)
+        width = batch.input_ids.shape[1]
+        spans = [shift_spans(it.sp_spans or [], width - len(it.ids)) for it in batch.items]
+        labels = pad_labels([it.sp_labels or [] for it in batch.items], device=hidden.device)
+        scores = self.sp_head(hidden, spans)
+        return out, diagnostics, self.sp_head.loss(scores.float(), labels)
+
     def _collate(self, items: list[Item], **kwargs) -> Batch:
         return collate(items, self.tokenizer.pad_token_id, self.accelerator.device, **kwargs)
 
@@ -440,34 +485,39 @@ class Trainer:
         acc = self.accelerator
         local = torch.tensor(float(sum(b.num_targets for b in batches)), device=acc.device)
         global_tokens = acc.reduce(local, "sum")
-        sums = torch.zeros(3, device=acc.device)  # task loss × tokens, aux loss, input tokens
+        # task loss × tokens, aux loss, input tokens, supporting-fact loss
+        sums = torch.zeros(4, device=acc.device)
         diagnostics: dict[str, float] = {}
+        sp_weight = self.cfg.train.supporting_facts_weight
+        share = len(batches) * self.world
         for batch in batches:
             with acc.autocast():
-                out, diag = self.forward(batch, training=True)
+                out, diag, sp_loss = self.forward_with_sp(batch, training=True)
             aux = out.aux_loss if isinstance(out.aux_loss, Tensor) else torch.tensor(out.aux_loss)
+            sp = sp_loss if sp_loss is not None else torch.zeros((), device=acc.device)
             # Sums over micro-batches and processes give the global token mean of the task loss
-            # and the mean of the regulariser, whatever the split of the global batch.
-            objective = out.loss * out.num_tokens / global_tokens + aux / (
-                len(batches) * self.world
-            )
+            # and the means of the regulariser and the SP loss, whatever the split of the batch.
+            objective = out.loss * out.num_tokens / global_tokens + aux / share
+            if sp_loss is not None:
+                objective = objective + sp_weight * sp_loss / share
             acc.backward(objective)
             sums += torch.stack(
                 [
                     out.loss.detach().float() * out.num_tokens,
                     aux.detach().float().to(acc.device),
                     batch.attention_mask.sum().float(),
+                    sp.detach().float().to(acc.device),
                 ]
             )
             for k, v in diag.items():
                 diagnostics[k] = diagnostics.get(k, 0.0) + v / len(batches)
         sums = acc.reduce(sums, "sum")
         task_loss = float(sums[0] / global_tokens)
-        aux_loss = float(sums[1] / (len(batches) * self.world))
-        if not math.isfinite(task_loss + aux_loss):
-            self._diverged(
-                f"the loss is {task_loss + aux_loss} (task {task_loss}, memory {aux_loss})"
-            )
+        aux_loss = float(sums[1] / share)
+        sp_terms = {"sp_loss": float(sums[3] / share)} if self.sp_head is not None else {}
+        total = task_loss + aux_loss + sp_weight * sp_terms.get("sp_loss", 0.0)
+        if not math.isfinite(total):
+            self._diverged(f"the loss is {total} (task {task_loss}, memory {aux_loss}, {sp_terms})")
         self._all_reduce_gradients()
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
@@ -483,9 +533,10 @@ class Trainer:
             mean = acc.reduce(torch.tensor([diagnostics[k] for k in keys], device=acc.device))
             diagnostics = dict(zip(keys, mean.tolist(), strict=True))
         return {
-            "loss": task_loss + aux_loss,
+            "loss": total,
             "task_loss": task_loss,
             "aux_loss": aux_loss,
+            **sp_terms,
             **self._regulariser_terms(diagnostics),
             "lr": lr,
             "grad_norm": grad_norm,
@@ -536,20 +587,24 @@ class Trainer:
         set_train_mode(self.model, False)
         size = e.batch_size or self.cfg.train.batch_size
         mine = list(range(self.rank, len(self.eval_items), self.world))
-        sums = torch.zeros(2, device=acc.device)
+        sums = torch.zeros(4, device=acc.device)  # loss × tokens, tokens, SP loss × rows, rows
         outputs: list[tuple[int, str]] = []
         for i in range(0, len(mine), size):
             chunk = [self.eval_items[j] for j in mine[i : i + size]]
             batch = self._collate(chunk)
             with acc.autocast():
-                out, _ = self.forward(batch, training=False)
+                out, _, sp_loss = self.forward_with_sp(batch, training=False)
+            sp = float(sp_loss) if sp_loss is not None else 0.0
             sums += torch.tensor(
-                [float(out.loss) * out.num_tokens, out.num_tokens], device=acc.device
+                [float(out.loss) * out.num_tokens, out.num_tokens, sp * len(chunk), len(chunk)],
+                device=acc.device,
             )
             if e.generate and self.eval_examples is not None:
                 outputs.extend(zip(mine[i : i + size], self._generate(chunk), strict=True))
         sums = acc.reduce(sums, "sum")
         result = {"loss": float(sums[0] / sums[1].clamp_min(1))}
+        if self.sp_head is not None:
+            result["sp_loss"] = float(sums[2] / sums[3].clamp_min(1))
         if e.generate and self.eval_examples is not None:
             gathered = sorted(gather_object(outputs)) if self.world > 1 else sorted(outputs)
             texts = [text for _, text in gathered]
@@ -733,10 +788,10 @@ class Trainer:
             "global_batch": self.global_batch,
         }
         if acc.is_main_process:
-            save_weights(self.model, self.out / "final")
+            save_weights(self.model, self.out / "final", self.sp_head)
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         acc.wait_for_everyone()
-        return TrainResult(self.model, self.tokenizer, self.out, summary)
+        return TrainResult(self.model, self.tokenizer, self.out, summary, sp_head=self.sp_head)
 
     def _write_config(self) -> None:
         if not self.accelerator.is_main_process:
@@ -757,7 +812,7 @@ class Trainer:
         if acc.is_main_process:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            save_weights(self.model, tmp)
+            save_weights(self.model, tmp, self.sp_head)
         acc.wait_for_everyone()
         (tmp / "rng").mkdir(exist_ok=True)
         _save(
@@ -787,6 +842,10 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> None:
         load_weights(self.model, path)
+        if self.sp_head is not None:  # strict: a run that trains the head needs its weights
+            from memllm.sp_head import load_sp_head
+
+            load_sp_head(path, into=self.sp_head)
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(trainer["optimizer"])
         self.scheduler.load_state_dict(trainer["scheduler"])
@@ -851,20 +910,25 @@ def prune_checkpoints(output_dir: Path, keep_last: int, best_step: int | None) -
         shutil.rmtree(path, ignore_errors=True)
 
 
-def save_weights(model: nn.Module, directory: Path) -> None:
-    """Memory (+ LoRA) via :func:`memllm.save_memory`; a LoRA-only model writes its adapter."""
+def save_weights(model: nn.Module, directory: Path, sp_head: nn.Module | None = None) -> None:
+    """Memory (+ LoRA) via :func:`memllm.save_memory`; a LoRA-only model writes its adapter.
+    A supporting-fact head goes beside them (``sp_head.safetensors``)."""
     from memllm.checkpoint import ADAPTER_FILE, save_memory
 
     if _find_controller(model) is not None:
         save_memory(model, directory)
-        return
-    from safetensors.torch import save_file
+    else:
+        from safetensors.torch import save_file
 
-    from memllm.lora import adapter_state_dict, lora_config_dict
+        from memllm.lora import adapter_state_dict, lora_config_dict
 
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(adapter_state_dict(model), directory / ADAPTER_FILE)
-    (directory / "lora_config.json").write_text(json.dumps(lora_config_dict(model), indent=2))
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(adapter_state_dict(model), directory / ADAPTER_FILE)
+        (directory / "lora_config.json").write_text(json.dumps(lora_config_dict(model), indent=2))
+    if sp_head is not None:
+        from memllm.sp_head import save_sp_head
+
+        save_sp_head(sp_head, directory)
 
 
 def load_weights(model: nn.Module, directory: Path) -> None:

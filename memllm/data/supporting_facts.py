@@ -124,12 +124,16 @@ class SupportingFactHead(nn.Module):
             hidden: ``(batch, tokens, hidden_size)``, e.g. the last layer's hidden states.
             spans: per batch row, the token span of each sentence (already shifted for padding).
         """
-        pooled = self.pool(hidden, spans)
-        logits = self.mlp(self.norm(pooled.to(self.norm.weight.dtype))).squeeze(-1)
+        logits = self.score_features(self.pool(hidden, spans))
         valid = torch.zeros_like(logits, dtype=torch.bool)
         for b, row in enumerate(spans):
             valid[b, : len(row)] = True
         return logits.masked_fill(~valid, float("-inf"))
+
+    def score_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Logits of already pooled sentence features ``(..., width)`` → ``(...)`` (probes train
+        on features pooled once)."""
+        return self.mlp(self.norm(pooled.to(self.norm.weight.dtype))).squeeze(-1)
 
     @staticmethod
     def loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

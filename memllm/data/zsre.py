@@ -44,7 +44,7 @@ from memllm.data.base import (
     rng_for,
 )
 from memllm.errors import DataError
-from memllm.metrics import teacher_forced_correct, zsre_exact_match
+from memllm.metrics import teacher_forced_argmax, zsre_exact_match
 
 log = logging.getLogger(__name__)
 
@@ -392,55 +392,92 @@ def _hub_file(repo: str, filename: str) -> str:
 
 
 def teacher_forced_metrics(
-    model, tokenizer, examples: list[Example], *, batch_size: int = 16
+    model,
+    tokenizer,
+    examples: list[Example],
+    *,
+    batch_size: int = 16,
+    segment_length: int | None = None,
+    chat: bool = False,
+    add_special_tokens: bool = True,
+    reference_model=None,
 ) -> dict[str, list[float]]:
     """Per-example teacher-forced metrics (see :data:`memllm.metrics.ZSRE_DEFINITIONS`).
 
     ``token_acc`` / ``seq_acc`` on the question and ``meta["answer"]``; with paraphrases,
     ``rephrase_token_acc`` / ``rephrase_seq_acc`` (averaged over an example's paraphrases);
-    with a locality question, ``loc_token_acc`` / ``loc_seq_acc`` on ``loc_ans``. Examples
-    lacking paraphrases or a locality question get ``nan`` there.
+    with a locality question, ``loc_token_acc`` / ``loc_seq_acc`` on ``loc_ans``, and with a
+    ``reference_model`` (the bare backbone, reading the whole question) ``loc_unchanged``.
+    Examples lacking paraphrases or a locality question get ``nan`` there.
+
+    The defaults are ROME's construction (the raw prompt with the tokenizer's special tokens,
+    the whole prompt in view). An experiment passes how its arm reads inputs instead:
+    ``segment_length`` (memory written segment by segment, or only the last window without
+    memory; see :func:`memllm.metrics.teacher_forced_argmax`), ``chat`` (the chat template of
+    :func:`memllm.prompting.format_example`) and ``add_special_tokens=False`` (as in training
+    and generation). All questions of all examples are batched together, longest first.
     """
+    from memllm.prompting import format_example
+
     nan = float("nan")
-    main = teacher_forced_correct(
-        model,
-        tokenizer,
-        [ex.prompt for ex in examples],
-        [ex.meta["answer"] for ex in examples],
-        batch_size=batch_size,
-    )
-    out = {
-        "token_acc": [sum(c) / len(c) for c in main],
-        "seq_acc": [float(all(c)) for c in main],
-    }
-    pairs = [(i, p) for i, ex in enumerate(examples) for p in ex.meta.get("rephrase_prompts", [])]
-    if pairs:
-        answers = [examples[i].meta["answer"] for i, _ in pairs]
-        correct = teacher_forced_correct(
-            model, tokenizer, [p for _, p in pairs], answers, batch_size=batch_size
-        )
-        tok: dict[int, list[float]] = {}
-        seq: dict[int, list[float]] = {}
-        for (i, _), c in zip(pairs, correct, strict=True):
-            tok.setdefault(i, []).append(sum(c) / len(c))
-            seq.setdefault(i, []).append(float(all(c)))
-        out["rephrase_token_acc"] = [
-            sum(tok[i]) / len(tok[i]) if i in tok else nan for i in range(len(examples))
+    queries: list[tuple[int, str, str, str]] = []  # (example, kind, prompt, answer)
+    for i, ex in enumerate(examples):
+        queries.append((i, "main", ex.prompt, ex.meta["answer"]))
+        queries += [
+            (i, "rephrase", p, ex.meta["answer"]) for p in ex.meta.get("rephrase_prompts", [])
         ]
-        out["rephrase_seq_acc"] = [
-            sum(seq[i]) / len(seq[i]) if i in seq else nan for i in range(len(examples))
-        ]
-    loc = [i for i, ex in enumerate(examples) if ex.meta.get("loc_prompt") and ex.meta["loc_ans"]]
-    if loc:
-        correct = teacher_forced_correct(
-            model,
+        if ex.meta.get("loc_prompt") and ex.meta.get("loc_ans"):
+            queries.append((i, "loc", ex.meta["loc_prompt"], ex.meta["loc_ans"]))
+    texts = [format_example(tokenizer, p, answer_target(p, a), chat) for _, _, p, a in queries]
+    prompts, targets = [t[0] for t in texts], [t[1] for t in texts]
+
+    def argmax(m, rows: list[int], segment: int | None) -> list[tuple[list[int], list[int]]]:
+        return teacher_forced_argmax(
+            m,
             tokenizer,
-            [examples[i].meta["loc_prompt"] for i in loc],
-            [examples[i].meta["loc_ans"] for i in loc],
+            [prompts[k] for k in rows],
+            [targets[k] for k in rows],
+            segment_length=segment,
             batch_size=batch_size,
+            add_special_tokens=add_special_tokens,
         )
-        tok_l = dict(zip(loc, [sum(c) / len(c) for c in correct], strict=True))
-        seq_l = dict(zip(loc, [float(all(c)) for c in correct], strict=True))
-        out["loc_token_acc"] = [tok_l.get(i, nan) for i in range(len(examples))]
-        out["loc_seq_acc"] = [seq_l.get(i, nan) for i in range(len(examples))]
-    return out
+
+    pairs = argmax(model, list(range(len(queries))), segment_length)
+    per: dict[str, dict[int, list[float]]] = {}
+    for (i, kind, _, _), (gold, pred) in zip(queries, pairs, strict=True):
+        right = [g == p for g, p in zip(gold, pred, strict=True)]
+        prefix = "" if kind == "main" else kind + "_"
+        per.setdefault(prefix + "token_acc", {}).setdefault(i, []).append(sum(right) / len(right))
+        per.setdefault(prefix + "seq_acc", {}).setdefault(i, []).append(float(all(right)))
+    loc_rows = [k for k, q in enumerate(queries) if q[1] == "loc"]
+    if reference_model is not None and loc_rows:
+        # The reference reads the whole question: the backbone's own behaviour, unconstrained.
+        # When it is the model itself and every locality question fits in the segment, that is
+        # the pass just made (the base and window arms): no second pass.
+        fits = segment_length is None or all(
+            len(tokenizer(prompts[k], add_special_tokens=add_special_tokens)["input_ids"])
+            <= segment_length
+            for k in loc_rows
+        )
+        if reference_model is model and fits:
+            reference = [pairs[k] for k in loc_rows]
+        else:
+            reference = argmax(reference_model, loc_rows, None)
+        for k, (_, ref_pred) in zip(loc_rows, reference, strict=True):
+            pred = pairs[k][1]
+            same = sum(a == b for a, b in zip(pred, ref_pred, strict=True)) / len(pred)
+            per.setdefault("loc_unchanged", {})[queries[k][0]] = [same]
+    order = [
+        "token_acc",
+        "seq_acc",
+        "rephrase_token_acc",
+        "rephrase_seq_acc",
+        "loc_token_acc",
+        "loc_seq_acc",
+        "loc_unchanged",
+    ]
+    return {
+        key: [sum(v) / len(v) if (v := per[key].get(i)) else nan for i in range(len(examples))]
+        for key in order
+        if key in per
+    }

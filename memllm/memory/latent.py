@@ -116,7 +116,8 @@ class LatentMemory(nn.Module):
         self.write_query = nn.Linear(d, d)
         self.write_key = nn.Linear(d, d)
         self.write_value = nn.Linear(d, d)
-        self.update_gate = nn.Linear(2 * d, d)
+        # Only built when used: the ablation must not count (or save) weights it never trains.
+        self.update_gate = nn.Linear(2 * d, d) if config.update_gate else None
         # read path: hidden queries the slots, read-out decoded to hidden width
         self.read_query = nn.Linear(hidden_size, d)
         self.read_key = nn.Linear(d, d)
@@ -154,7 +155,7 @@ class LatentMemory(nn.Module):
             self.config.num_heads,
             key_mask=mask,
         )
-        if self.config.update_gate:
+        if self.update_gate is not None:
             gate = torch.sigmoid(self.update_gate(torch.cat([slots, candidate], dim=-1)))
             new = gate * candidate + (1 - gate) * slots
         else:
