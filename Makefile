@@ -1,4 +1,4 @@
-# Two commands on a fresh machine:  `make demo`  and  `make test`.
+# Two commands on a fresh machine:  `make quickstart`  and  `make test`.
 # Both create .venv and install memllm into it the first time.
 PYTHON ?= python3
 VENV ?= .venv
@@ -26,7 +26,7 @@ demo: install
 	$(VENV)/bin/memllm generate --memory configs/latent.yaml --chat --segment-length 256 \
 		--max-new-tokens 40 --prompt-file docs/demo_prompt.txt
 
-# The memory-vs-baselines experiment on BabiLong (trains a memory; ~15+ minutes on a CPU).
+# The main job: a latent memory vs baselines on BabiLong built offline (~15 minutes on a 2-core CPU).
 quickstart: install
 	$(VENV)/bin/memllm quickstart
 

@@ -342,10 +342,20 @@ ZSRE_KINDS: dict[str, str] = {
 """Per-record value kinds by definition: a mean of token fractions is continuous (bootstrap
 interval) even when every answer happens to be one token; 0/1 values are binary (Wilson)."""
 
-METRIC_DEFINITIONS: dict[str, str] = {**HOTPOT_DEFINITIONS, **ZSRE_DEFINITIONS}
+BABILONG_DEFINITIONS = {
+    "accuracy": "BabiLong's official checker: the output up to its first '.', lowercased, holds "
+    "the answer label(s) and no other label of the task (labels in the question ignored)",
+}
+BABILONG_KINDS = {"accuracy": "binary"}
+
+METRIC_DEFINITIONS: dict[str, str] = {
+    **BABILONG_DEFINITIONS,
+    **HOTPOT_DEFINITIONS,
+    **ZSRE_DEFINITIONS,
+}
 """Metric name → definition, shown in reports next to the numbers."""
 
-METRIC_KINDS: dict[str, str] = {**HOTPOT_KINDS, **ZSRE_KINDS}
+METRIC_KINDS: dict[str, str] = {**BABILONG_KINDS, **HOTPOT_KINDS, **ZSRE_KINDS}
 """Metric name → ``binary`` / ``continuous`` by definition (reports choose intervals by it)."""
 
 
