@@ -32,6 +32,7 @@ from memllm.data.supporting_facts import (
     select_supporting_facts,
     sentence_labels,
     sentence_token_spans,
+    shift_spans,
 )
 from memllm.errors import CheckpointError, ConfigError, DataError
 
@@ -233,7 +234,12 @@ def sentence_features(
     """
     from memllm.inject import _find_controller
     from memllm.prompting import format_example
-    from memllm.segments import _accepts_logits_to_keep, forward_segments, positions_from_mask
+    from memllm.segments import (
+        _accepts_logits_to_keep,
+        forward_segments,
+        left_pad,
+        positions_from_mask,
+    )
 
     has_memory = _find_controller(model) is not None
     kept = None if has_memory else segment_length
@@ -250,15 +256,9 @@ def sentence_features(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        width = max(len(rows[i][0]) for i in chunk)
-        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        spans = []
-        for r, i in enumerate(chunk):
-            n = len(rows[i][0])
-            ids[r, width - n :] = torch.tensor(rows[i][0])
-            mask[r, width - n :] = 1
-            spans.append([(s + width - n, e + width - n) for s, e in rows[i][2]])
+        ids, mask = left_pad([rows[i][0] for i in chunk], pad)
+        width = ids.shape[1]
+        spans = [shift_spans(rows[i][2], width - len(rows[i][0])) for i in chunk]
         ids, mask = ids.to(device), mask.to(device)
         with capture_final_hidden(model) as seen:
             if has_memory:

@@ -50,7 +50,13 @@ from memllm.run_config import (
     render_with_help,
     with_file,
 )
-from memllm.segments import SegmentOutput, _logits_to_keep, forward_segments, positions_from_mask
+from memllm.segments import (
+    SegmentOutput,
+    _logits_to_keep,
+    forward_segments,
+    left_pad,
+    positions_from_mask,
+)
 
 log = logging.getLogger(__name__)
 
@@ -149,16 +155,12 @@ def encode_split(task, tokenizer, split: str, max_length: int | None, limit=None
 def collate(items: list[Item], pad_id: int, device, *, prompt_only: bool = False) -> Batch:
     """Left-padded tensors (padding masked out, labels -100 on padding)."""
     rows = [it.ids[: it.prompt_len] if prompt_only else it.ids for it in items]
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    labels = torch.full((len(rows), width), -100, dtype=torch.long)
-    for i, (row, item) in enumerate(zip(rows, items, strict=True)):
-        n = len(row)
-        ids[i, width - n :] = torch.tensor(row)
-        mask[i, width - n :] = 1
-        if not prompt_only:
-            labels[i, width - n :] = torch.tensor(item.labels)
+    ids, mask = left_pad(rows, pad_id)
+    labels = torch.full_like(ids, -100)
+    if not prompt_only:
+        width = ids.shape[1]
+        for i, item in enumerate(items):
+            labels[i, width - len(item.labels) :] = torch.tensor(item.labels)
     return Batch([it.id for it in items], ids.to(device), mask.to(device), labels.to(device), items)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -17,6 +18,23 @@ from memllm.backbone import freeze  # noqa: E402
 from memllm.tiny import build_tiny_model  # noqa: E402
 
 SMALL_LATENT = {"type": "latent", "num_slots": 4, "memory_dim": 16, "num_heads": 2}
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Tiny tensors run fastest on one thread (and are not slowed by a busy machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 import yaml
+from conftest import single_thread
 
 from memllm.cli import main
 from memllm.config import from_dict
@@ -57,12 +58,9 @@ METRICS = ("em", "f1", "sp_em", "sp_f1", "joint_em", "joint_f1")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors run fastest on one thread (a busy 2-core machine slows two by 10-30×)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread():
+    with single_thread():  # a busy 2-core machine slows two threads by 10-30×
+        yield
 
 
 @pytest.fixture(scope="module")

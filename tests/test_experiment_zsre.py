@@ -30,15 +30,6 @@ ZSRE_METRICS = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors run fastest on one thread (and are not slowed by a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def examples():
     task = build_task("zsre", {"num_train": 0, "num_validation": 0, "num_test": 5})

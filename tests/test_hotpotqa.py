@@ -151,15 +151,6 @@ def test_sentence_token_spans():
     assert shift_spans(spans, 5) == [(8, 22), (23, 33)]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors run fastest on one thread (and are not slowed by a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_head_learns_the_supporting_sentences(tiny, one_thread):
     model, tok = tiny("llama", context=1024)
     task = fixture_task()

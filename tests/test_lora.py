@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import single_thread
 
 import memllm
 from memllm.checkpoint import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE
@@ -16,10 +17,8 @@ LORA = {"rank": 4, "alpha": 8, "dropout": 0.05}
 
 @pytest.fixture(autouse=True)
 def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with single_thread():
+        yield
 
 
 def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:

@@ -201,15 +201,6 @@ def test_zsre_exact_match():
     assert zsre_exact_match("Paris, France", ["Paris"]) == 0.0
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors run fastest on one thread (and are not slowed by a busy machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _manual_correct(model, tokenizer, prompt, answer):
     p = tokenizer(prompt)["input_ids"]
     a = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]

@@ -44,7 +44,7 @@ from memllm.data.base import (
     rng_for,
 )
 from memllm.errors import DataError
-from memllm.metrics import teacher_forced_argmax, zsre_exact_match
+from memllm.metrics import ZSRE_DEFINITIONS, teacher_forced_argmax, zsre_exact_match
 
 log = logging.getLogger(__name__)
 
@@ -467,17 +467,9 @@ def teacher_forced_metrics(
             pred = pairs[k][1]
             same = sum(a == b for a, b in zip(pred, ref_pred, strict=True)) / len(pred)
             per.setdefault("loc_unchanged", {})[queries[k][0]] = [same]
-    order = [
-        "token_acc",
-        "seq_acc",
-        "rephrase_token_acc",
-        "rephrase_seq_acc",
-        "loc_token_acc",
-        "loc_seq_acc",
-        "loc_unchanged",
-    ]
+    # in the order of the definitions the reports print (exact_match is generation-based)
     return {
         key: [sum(v) / len(v) if (v := per[key].get(i)) else nan for i in range(len(examples))]
-        for key in order
+        for key in ZSRE_DEFINITIONS
         if key in per
     }
