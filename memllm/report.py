@@ -740,13 +740,7 @@ def render_markdown(
             continue
         if columns is details:
             out += ["**Precision and recall** behind the F1 columns", ""]
-        rows = []
-        for name, arm in arms.items():
-            ns = {arm["metrics"][m]["n"] for m in columns if m in arm["metrics"]}
-            rows.append(
-                [name, "/".join(str(n) for n in sorted(ns))]
-                + [_fmt_summary(arm["metrics"].get(m), m in pct) for m in columns]
-            )
+        rows = _arm_rows(results, columns, pct)
         out += [_md_table(["arm", "n", *(_metric_header(m, pct) for m in columns)], rows), ""]
 
     comparison_rows = _comparison_rows(results, pct)
@@ -837,6 +831,18 @@ def render_markdown(
     return "\n".join(out)
 
 
+def _arm_rows(results: Mapping[str, Any], metrics: Sequence[str], pct: set[str]) -> list[list]:
+    """One row per arm: name, the n of these metrics, and each metric's value [interval]."""
+    rows = []
+    for name, arm in results["arms"].items():
+        ns = sorted({arm["metrics"][m]["n"] for m in metrics if m in arm["metrics"]})
+        rows.append(
+            [name, "/".join(map(str, ns))]
+            + [_fmt_summary(arm["metrics"].get(m), m in pct) for m in metrics]
+        )
+    return rows
+
+
 def metric_definitions(results: Mapping[str, Any]) -> dict[str, str]:
     """Metric → its definition, from the first arm that states one."""
     out: dict[str, str] = {}
@@ -863,26 +869,18 @@ def format_table(results: Mapping[str, Any]) -> str:
     states one."""
     metrics = headline_metrics(results)
     pct = percent_metrics(results)
-    rows = [["arm", "n", *(_metric_header(m, pct) for m in metrics), "trainable"]]
-    for name, arm in results["arms"].items():
-        ns = sorted({s["n"] for s in arm["metrics"].values()})
-        params = arm.get("trainable_params")
-        rows.append(
-            [name, "/".join(map(str, ns))]
-            + [_fmt_summary(arm["metrics"].get(m), m in pct) for m in metrics]
-            + ["–" if _missing(params) else _fmt_count(params).split(" (")[0]]
-        )
-    text = _align_columns(rows)
+    params = [arm.get("trainable_params") for arm in results["arms"].values()]
+    trainable = ["–" if _missing(p) else _fmt_count(p).split(" (")[0] for p in params]
+    rows = [
+        [*row, count]
+        for row, count in zip(_arm_rows(results, metrics, pct), trainable, strict=True)
+    ]
+    header = ["arm", "n", *(_metric_header(m, pct) for m in metrics)]
+    text = _align_columns([[*header, "trainable"], *rows])
     details = [m for m in metric_names(results) if m not in metrics]
     if details:
-        rows = [["arm", "n", *(_metric_header(m, pct) for m in details)]]
-        for name, arm in results["arms"].items():
-            ns = sorted({arm["metrics"][m]["n"] for m in details if m in arm["metrics"]})
-            rows.append(
-                [name, "/".join(map(str, ns))]
-                + [_fmt_summary(arm["metrics"].get(m), m in pct) for m in details]
-            )
-        text += "\n\n" + _align_columns(rows)
+        header = ["arm", "n", *(_metric_header(m, pct) for m in details)]
+        text += "\n\n" + _align_columns([header, *_arm_rows(results, details, pct)])
     comparison_rows = _comparison_rows(results, pct)
     if comparison_rows:
         header = ["arm", "vs", "metric", "Δ", "95% CI", "p", "test", "sig"]
