@@ -326,13 +326,8 @@ class Experiment:
 
     def backbone(self):
         """The bare backbone, loaded once for the baseline arms."""
-        import memllm
-
         if self._backbone is None:
-            m = self.cfg.model
-            self._backbone = memllm.load_backbone(
-                m.name, gguf_file=m.gguf_file, dtype=m.dtype, device=_device()
-            )
+            self._backbone = self._fresh_backbone()
         return self._backbone
 
     def run(self) -> dict[str, Any]:
@@ -562,35 +557,32 @@ class Experiment:
         text = "; ".join(parts) + (" + LoRA" if arm.lora is not None else "")
         return f"{text}; {D['untrained']}" if arm.untrained else text
 
+    def _fresh_backbone(self):
+        """A new copy of the backbone, for an arm that adds memory to it."""
+        import memllm
+
+        m = self.cfg.model
+        return memllm.load_backbone(m.name, gguf_file=m.gguf_file, dtype=m.dtype, device=_device())
+
     def _untrained_memory(self, name: str, arm: ArmSettings):
         """A fresh backbone with the arm's memory injected as initialised, never trained."""
         from accelerate.utils import set_seed
 
         import memllm
-        from memllm.backbone import decoder_stack
-        from memllm.inject import resolve_layer_ids
 
-        m = self.cfg.model
-        model, tokenizer = memllm.load_backbone(
-            m.name, gguf_file=m.gguf_file, dtype=m.dtype, device=_device()
-        )
+        model, tokenizer = self._fresh_backbone()
         memory = memllm.memory_config_from_dict(arm.memory, prefix=f"arms.{name}.memory.")
-        _, layers = decoder_stack(model)
-        try:
-            resolve_layer_ids(list(memory.layer_ids), len(layers), f"arms.{name}.memory.layer_ids")
-        except ConfigError as err:
-            raise with_file(err, self.source) from None
         set_seed(self.cfg.seed)  # the initial weights a trained arm starts from (memllm.train)
-        memllm.inject_memory(model, memory)
+        try:  # inject_memory validates (layer ids) before touching the model
+            memllm.inject_memory(model, memory)
+        except ConfigError as err:
+            raise with_file(ConfigError(f"arms.{name}.memory.{err}"), self.source) from None
         return model, tokenizer
 
     def _load_checkpoint(self, arm: ArmSettings):
         import memllm
 
-        m = self.cfg.model
-        model, tokenizer = memllm.load_backbone(
-            m.name, gguf_file=m.gguf_file, dtype=m.dtype, device=_device()
-        )
+        model, tokenizer = self._fresh_backbone()
         memllm.load_memory(model, arm.checkpoint)
         return model, tokenizer
 
