@@ -1,10 +1,14 @@
-"""Feature cache: skip the frozen backbone after the first epoch (memory after the last layer).
+"""Feature cache: skip the frozen backbone below the memory after the first epoch.
 
-With the memory after the last decoder layer (the G-MemLLM placement), no LoRA, and a memory type
-that only sees the layer's *output*, the output of the wrapped last layer depends on no trainable
-weight. The first time an example is trained on, its per-token output of that layer is recorded;
-afterwards a batch of cached examples runs only memory → final norm → LM head, segment by segment,
-exactly as :func:`memllm.segments.forward_segments` would.
+With one latent memory at decoder layer L (G-MemLLM puts it after the last layer), no LoRA, and
+a memory type that only sees the layer's *output*, the output of the wrapped layer depends on no
+trainable weight. The first time an example is trained on, its per-token output of that layer is
+recorded; afterwards a batch of cached examples runs, segment by segment, only the memory and —
+for segments with labels — the layers above L, the final norm and the LM head, exactly as
+:func:`memllm.segments.forward_segments` would. Segments without labels only write the memory
+(which reads layer L's output), so nothing above L is needed there: with the memory after the
+last layer a cached step runs no decoder layer at all, with it at a middle layer only the upper
+layers of the answer's segment.
 
 Segments are aligned to the end of the input and examples are left-padded, so an example's real
 tokens fall into the same segments whatever batch it is in: the cache is kept per example (real
@@ -21,7 +25,7 @@ from torch import Tensor, nn
 
 from memllm.backbone import decoder_stack, text_config
 from memllm.inject import MemoryLayer, MemorySession, memory_config
-from memllm.segments import SegmentOutput, _logits_to_keep, segment_bounds
+from memllm.segments import SegmentOutput, _logits_to_keep, positions_from_mask, segment_bounds
 
 # The one per-architecture fact needed here: the final norm's attribute on the decoder stack owner.
 FINAL_NORMS = {
@@ -51,8 +55,8 @@ def unsupported_reason(model: nn.Module, has_lora: bool) -> str | None:
         return "the model has no memory"
     if has_lora:
         return "LoRA trains the backbone, so its hidden states change"
-    if wrapped != [len(layers) - 1]:
-        return f"memory sits at layers {wrapped}; the cache needs it only after the last layer"
+    if len(wrapped) > 1:
+        return f"memory sits at layers {wrapped}; the cache holds the output of one layer"
     kind = memory_config(model).type
     if kind not in POST_LAYER_TYPES:
         return f"memory type {kind!r} changes the last layer's input"
@@ -63,15 +67,40 @@ def unsupported_reason(model: nn.Module, has_lora: bool) -> str | None:
     return None
 
 
+class _Recorded(nn.Module):
+    """Stands in for a decoder layer at or below the memory while the layers above it run.
+
+    Returns its input unchanged (layers below: their work is in the cache) or ``output`` (the
+    memory's layer: the memory's mixed output). Attribute look-ups fall through to the real
+    layer (HF models read e.g. ``layer.attention_type``); the real layer is never called.
+    """
+
+    def __init__(self, layer: nn.Module, output: Tensor | None = None) -> None:
+        super().__init__()
+        self.layer = layer
+        self.output = output
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("layer"), name)
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        return hidden_states if self.output is None else self.output
+
+
 class FeatureCache:
-    """Per-example outputs of the last (wrapped) decoder layer, kept on the CPU."""
+    """Per-example outputs of the memory's (wrapped) decoder layer, kept on the CPU."""
 
     def __init__(self, model: nn.Module) -> None:
         reason = unsupported_reason(model, has_lora=False)
         if reason:
             raise ValueError(f"feature cache unavailable: {reason}")
         owner, layers = decoder_stack(model)
-        self.index = len(layers) - 1
+        self.owner, self.layers = owner, layers
+        self.index = next(i for i, layer in enumerate(layers) if isinstance(layer, MemoryLayer))
+        self.has_upper = self.index < len(layers) - 1  # decoder layers above the memory
         self.wrapper: MemoryLayer = layers[self.index]
         self.norm = getattr(owner, FINAL_NORMS[model.config.model_type])
         self.head = model.get_output_embeddings()
@@ -110,6 +139,32 @@ class FeatureCache:
         mask = attention_mask.bool()
         for row, example_id in enumerate(ids):
             self.features[example_id] = full[row, mask[row]].to("cpu", copy=True)
+
+    @contextlib.contextmanager
+    def _upper_layers_only(self, memory_output: Tensor) -> Iterator[None]:
+        """Make the decoder stack run only the layers above the memory, on ``memory_output``."""
+        originals = [self.layers[i] for i in range(self.index + 1)]
+        try:
+            for i, layer in enumerate(originals):
+                self.layers[i] = _Recorded(layer, memory_output if i == self.index else None)
+            yield
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+
+    def _above(self, memory_output: Tensor, mask: Tensor) -> Tensor:
+        """The final-normed hidden states of the layers above the memory, fed its output.
+
+        The decoder stack's own forward runs them (its masks, positions and rotary tables), with
+        placeholder embeddings that the stand-in layers ignore.
+        """
+        with self._upper_layers_only(memory_output):
+            return self.owner(
+                inputs_embeds=torch.zeros_like(memory_output),
+                attention_mask=mask.long(),
+                position_ids=positions_from_mask(mask),
+                use_cache=False,
+            ).last_hidden_state
 
     def padded(self, ids: list[str], attention_mask: Tensor) -> Tensor:
         """Cached features of ``ids`` laid out like the left-padded batch (zeros on padding)."""
@@ -155,7 +210,11 @@ class FeatureCache:
             seg_targets = targets[:, start:end]
             keep = _logits_to_keep(seg_targets, full=False)
             n = int((seg_targets != -100).sum())
-            normed = self.norm(out) if self.full_hidden else None
+            normed = None
+            if self.has_upper and (n or self.full_hidden):
+                normed = self._above(out, mask)
+            elif self.full_hidden:
+                normed = self.norm(out)
             if not n:
                 continue
             seg_targets = seg_targets[:, -keep:]

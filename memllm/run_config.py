@@ -71,6 +71,13 @@ class TrainSettings:
     max_steps: int | None = field(
         default=None, metadata={"help": "optimizer steps to run; null = epochs × steps/epoch"}
     )
+    max_minutes: float | None = field(
+        default=None,
+        metadata={
+            "help": "stop after this many minutes of training wall time (this run; the final "
+            "validation and checkpoint follow); null = no limit"
+        },
+    )
     batch_size: int = field(default=4, metadata={"help": "examples per micro-batch, per process"})
     grad_accum_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
@@ -118,8 +125,8 @@ class TrainSettings:
     feature_cache: bool = field(
         default=False,
         metadata={
-            "help": "memory after the last layer, no LoRA: record the backbone's output once, "
-            "skip the backbone afterwards"
+            "help": "latent memory at one layer, no LoRA: record that layer's output once; "
+            "later steps run only the memory and the layers above it where there are labels"
         },
     )
     supporting_facts_weight: float = field(
@@ -140,6 +147,8 @@ class TrainSettings:
         check(self.epochs > 0, "epochs", f"must be > 0, got {self.epochs}")
         if self.max_steps is not None:
             check(self.max_steps > 0, "max_steps", f"must be > 0, got {self.max_steps}")
+        if self.max_minutes is not None:
+            check(self.max_minutes > 0, "max_minutes", f"must be > 0, got {self.max_minutes}")
         check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         check(self.grad_accum_steps > 0, "grad_accum_steps", "must be > 0")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

@@ -388,6 +388,7 @@ class Trainer:
         self.cache = self._feature_cache()
         self.state = RunState()
         self.memory_state = None  # carried across batches only with train.persistent_memory
+        self.timed_out = False  # set when train.max_minutes stops the run
         self._check_eval_metric()
 
     # -- setup helpers -----------------------------------------------------------------------
@@ -684,7 +685,11 @@ class Trainer:
         window: list[dict[str, float]] = []  # step stats since the last log record
         started, order_epoch, order = time.time(), -1, []
         try:
-            while self.state.step < self.total_steps and not self.state.stopped_early:
+            while (
+                self.state.step < self.total_steps
+                and not self.state.stopped_early
+                and not self._out_of_time(started)
+            ):
                 epoch, position = divmod(self.state.step, self.steps_per_epoch)
                 if epoch != order_epoch:
                     order_epoch = epoch
@@ -714,6 +719,28 @@ class Trainer:
             bar.close()
             logger.close()
         return self._finish(time.time() - started)
+
+    def _out_of_time(self, started: float) -> bool:
+        """Whether ``train.max_minutes`` is spent (every process agrees: the main one decides)."""
+        limit = self.cfg.train.max_minutes
+        if limit is None or self.timed_out:
+            return self.timed_out
+        over = torch.tensor(
+            float(time.time() - started >= 60 * limit), device=self.accelerator.device
+        )
+        if self.world > 1:
+            from accelerate.utils import broadcast
+
+            over = broadcast(over, from_process=0)
+        self.timed_out = bool(over)
+        if self.timed_out:
+            self._info(
+                "train.max_minutes=%g reached at step %d of %d: stopping",
+                limit,
+                self.state.step,
+                self.total_steps,
+            )
+        return self.timed_out
 
     def _log_train(self, logger, bar, window: list[dict[str, float]]) -> None:
         """One record: means over the steps since the last one, the current lr, tokens/s."""
@@ -778,6 +805,7 @@ class Trainer:
             "steps": self.state.step,
             "total_steps": self.total_steps,
             "stopped_early": self.state.stopped_early,
+            "stopped_at_time_limit": self.timed_out,
             "best_metric": self.state.best_metric,
             "best_step": self.state.best_step,
             "best_checkpoint": str(_step_dir(self.out, self.state.best_step))

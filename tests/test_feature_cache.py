@@ -34,10 +34,15 @@ def _batch(vocab: int, seed: int = 0):
     return ids, mask, labels
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3", "gpt2"])
-def test_cached_forward_matches_forward_segments(tiny, arch):
+@pytest.mark.parametrize(
+    ("arch", "layer"),
+    [(a, -1) for a in ("llama", "qwen2", "gemma3", "gpt2")]
+    + [("llama", 0), ("gemma3", 0), ("gpt2", 0)],
+)
+def test_cached_forward_matches_forward_segments(tiny, arch, layer):
     model, tok = tiny(arch)
-    memllm.inject_memory(model, SMALL_MEMORY)
+    # layer 0 of two: the cached path must run the layer above on the labelled segments
+    memllm.inject_memory(model, {**SMALL_MEMORY, "layer_ids": [layer]})
     with torch.no_grad():  # a trained-looking gate, so that the memory changes the logits
         for p in memllm.memory_parameters(model):
             if p.dim() == 1 and p.shape[0] == model.config.hidden_size:
@@ -93,13 +98,14 @@ def test_training_with_the_cache_matches_training_without(tmp_path):
 
 def test_cache_refuses_placements_where_the_backbone_output_changes(tiny, tmp_path):
     model, _ = tiny("llama")
-    memllm.inject_memory(model, {**SMALL_MEMORY, "layer_ids": [0]})
-    assert "last layer" in unsupported_reason(model, has_lora=False)
-    model, _ = tiny("llama")
-    memllm.inject_memory(model, SMALL_MEMORY)
-    assert unsupported_reason(model, has_lora=False) is None
+    memllm.inject_memory(model, {**SMALL_MEMORY, "layer_ids": [0, 1]})
+    assert "one layer" in unsupported_reason(model, has_lora=False)
+    for layer in (0, -1):
+        model, _ = tiny("llama")
+        memllm.inject_memory(model, {**SMALL_MEMORY, "layer_ids": [layer]})
+        assert unsupported_reason(model, has_lora=False) is None
     assert "LoRA" in unsupported_reason(model, has_lora=True)
-    cfg = toy_config(tmp_path, memory={**SMALL_MEMORY, "layer_ids": [0]})
+    cfg = toy_config(tmp_path, memory={**SMALL_MEMORY, "layer_ids": [0, 1]})
     cfg.train.feature_cache = True
     with pytest.raises(ConfigError, match=r"train\.feature_cache: memory sits at layers"):
         train(cfg, task=ToyTask())

@@ -267,6 +267,30 @@ def test_early_stopping(tmp_path):
     assert result.summary["best_step"] == 1
 
 
+def test_max_minutes_stops_training_and_still_saves_a_validated_final(tmp_path, monkeypatch):
+    import memllm.train as loop
+
+    clock = {"now": 1000.0}
+
+    def fake_time():  # every call of the loop's clock is one more minute
+        clock["now"] += 60.0
+        return clock["now"]
+
+    monkeypatch.setattr(loop.time, "time", fake_time)
+    cfg = toy_config(
+        tmp_path, train={"max_steps": 40, "save_every": 0, "max_minutes": 2.5}, eval={"every": 0}
+    )
+    result = train(cfg, task=ToyTask())
+    summary = result.summary
+    assert summary["stopped_at_time_limit"] and 0 < summary["steps"] < 40
+    assert (Path(cfg.output_dir) / "final").is_dir()
+    assert [s for s, _ in complete_checkpoints(cfg.output_dir)] == [summary["steps"]]
+    evals = [
+        json.loads(line) for line in (Path(cfg.output_dir) / "log.jsonl").read_text().splitlines()
+    ]
+    assert any(r.get("kind") == "eval" and r["step"] == summary["steps"] for r in evals)
+
+
 def test_data_errors_name_the_config_file(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(
