@@ -211,7 +211,7 @@ def train_variant(name, spec, model, data, layer, segment_length, seed=0):
         opt.step()
         sched.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     train_time = time.time() - start
     with torch.no_grad():
         correct, vloss = [], []
