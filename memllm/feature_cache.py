@@ -59,7 +59,7 @@ def unsupported_reason(model: nn.Module, has_lora: bool) -> str | None:
         return f"memory sits at layers {wrapped}; the cache holds the output of one layer"
     kind = memory_config(model).type
     if kind not in POST_LAYER_TYPES:
-        return f"memory type {kind!r} changes the last layer's input"
+        return f"memory type {kind!r} changes the input of its layer"
     if FINAL_NORMS.get(model.config.model_type) is None:
         return f"final norm of model_type {model.config.model_type!r} unknown"
     if not hasattr(owner, FINAL_NORMS[model.config.model_type]):

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from memllm.backbone import context_length
 from memllm.inject import _find_controller, memory_layers, memory_session
-from memllm.segments import _accepts_logits_to_keep, positions_from_mask, segment_bounds
+from memllm.segments import logits_to_keep_kwargs, positions_from_mask, segment_bounds
 
 
 def default_segment_length(model: nn.Module, max_new_tokens: int) -> int:
@@ -73,7 +73,7 @@ def generate_ids(
         raise ValueError("beam search is not supported with a memory that learns within a call")
     # segments before the last only write the memory: their logits are never read, and the LM
     # head over the whole vocabulary is a fifth of a small model's forward
-    skip_head = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(model)) else {}
+    skip_head = logits_to_keep_kwargs(model, 1)
     with memory_session(model, state) as session:
         for start, end in bounds[:-1]:
             mask = attention_mask[:, start:end]

@@ -401,8 +401,8 @@ def teacher_forced_argmax(
 
     from memllm.inject import _find_controller, memory_session
     from memllm.segments import (
-        _accepts_logits_to_keep,
         forward_segments,
+        logits_to_keep_kwargs,
         positions_from_mask,
         segment_bounds,
     )
@@ -443,7 +443,7 @@ def teacher_forced_argmax(
         # The logits at the prompt's last token and at every target token but the last are the
         # ones that predict the target; nothing before them needs the LM head.
         keep = width_t + 1
-        kwargs = {"logits_to_keep": keep} if _accepts_logits_to_keep(type(model)) else {}
+        kwargs = logits_to_keep_kwargs(model, keep)
         call = {
             "input_ids": visible,
             "attention_mask": visible_mask,

@@ -54,6 +54,12 @@ def _accepts_logits_to_keep(model_cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(model_cls.forward).parameters
 
 
+def logits_to_keep_kwargs(model: nn.Module, keep: int) -> dict[str, int]:
+    """``{"logits_to_keep": keep}`` for a model whose forward takes it; ``{}`` for the others
+    and for ``keep == 0`` (all positions, the default)."""
+    return {"logits_to_keep": keep} if keep and _accepts_logits_to_keep(type(model)) else {}
+
+
 def positions_from_mask(mask: Tensor) -> Tensor:
     """Position ids that count only real tokens (left padding gets position 0)."""
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -149,13 +155,12 @@ def forward_segments(
         seg_targets = targets[:, start:end] if targets is not None else None
         is_last = k == len(bounds) - 1
         keep = _logits_to_keep(seg_targets, full=keep_logits and is_last)
-        kwargs = {"logits_to_keep": keep} if keep and _accepts_logits_to_keep(type(model)) else {}
         out = model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=positions_from_mask(mask),
             use_cache=False,
-            **kwargs,
+            **logits_to_keep_kwargs(model, keep),
         )
         aux_losses.append(session.aux_loss())
         if seg_targets is not None:

@@ -235,9 +235,9 @@ def sentence_features(
     from memllm.inject import _find_controller
     from memllm.prompting import format_example
     from memllm.segments import (
-        _accepts_logits_to_keep,
         forward_segments,
         left_pad,
+        logits_to_keep_kwargs,
         positions_from_mask,
     )
 
@@ -264,7 +264,7 @@ def sentence_features(
             if has_memory:
                 forward_segments(model, ids, mask, segment_length=segment_length, keep_logits=False)
             else:
-                extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(model)) else {}
+                extra = logits_to_keep_kwargs(model, 1)
                 model(
                     input_ids=ids,
                     attention_mask=mask,
