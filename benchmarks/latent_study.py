@@ -35,7 +35,7 @@ from memllm.backbone import decoder_stack, load_backbone
 from memllm.data import build_task
 from memllm.memory import LatentMemoryConfig, build_memory_module
 from memllm.segments import left_pad, positions_from_mask, segment_bounds
-from memllm.stats import wilson_interval
+from memllm.stats import mcnemar_exact, wilson_interval
 from memllm.train import encode_split
 
 # name -> (layer, memory overrides, train overrides)
@@ -62,20 +62,55 @@ DEFAULTS = {
 }
 
 
-def build_items(args, tokenizer, split: str, length: str, num: int):
+def build_items(args, tokenizer, split: str, length: str):
+    """Items and examples of one split. Both splits are built with the same sizes: validation
+    takes the first ``num_val`` stories of the shuffled bAbI train file and training the next
+    ``num_train``, so the two never share a story."""
     task = build_task(
         "babilong",
         {
             "tasks": ["qa1", "qa2"],
             "lengths": [length],
             "prompt": "plain",
-            "num_train": num if split == "train" else 1,
-            "num_validation": num if split == "validation" else 1,
+            "num_train": args.num_train,
+            "num_validation": args.num_val,
             "num_test": 1,
         },
     )
-    items, _ = encode_split(task, tokenizer, split, None, chat=True)
-    return items
+    return encode_split(task, tokenizer, split, None, chat=True)
+
+
+def facts_in_window(examples, items, tokenizer, segment_length: int) -> list[bool]:
+    """Per input: whether every supporting fact starts inside the last segment (the window).
+
+    Those questions can be answered without a memory; the others need what earlier segments
+    held. The facts are found in the chat-formatted prompt in their story order (each search
+    starts after the previous fact), so a sentence that occurs twice is placed right.
+    """
+    from memllm.prompting import chat_wrap
+
+    flags = []
+    for ex, it in zip(examples, items, strict=True):
+        text = chat_wrap(tokenizer, ex.prompt)
+        starts, at = [], 0
+        for fact in ex.meta["facts"]:
+            at = text.index(fact, at)
+            starts.append(at)
+            at += len(fact)
+        first = min(starts[i] for i in ex.meta["supporting"])
+        token = len(tokenizer(text[:first], add_special_tokens=False)["input_ids"])
+        flags.append(token >= len(it.ids) - segment_length)
+    return flags
+
+
+def split_accuracy(correct: list[bool], in_window: list[bool]) -> str:
+    """'k/n (x%)' for the questions answerable from the window and for those that are not."""
+    parts = []
+    for want in (True, False):
+        hits = [c for c, w in zip(correct, in_window, strict=True) if w == want]
+        k, n = sum(hits), len(hits)
+        parts.append(f"{k}/{n} ({100 * k / max(1, n):.0f} %)")
+    return " | ".join(parts)
 
 
 @torch.inference_mode()
@@ -170,7 +205,7 @@ def run_batch(memory, upper, feats, items, layer, segment_length, carry):
     return loss, sum(aux_losses) / len(aux_losses), correct
 
 
-def train_variant(name, spec, model, data, layer, segment_length, seed=0):
+def train_variant(name, spec, model, data, in_window, layer, segment_length, seed=0):
     cfg = {**DEFAULTS, **spec, "memory": {**DEFAULTS["memory"], **spec.get("memory", {})}}
     torch.manual_seed(seed)
     mconf = LatentMemoryConfig(layer_ids=[layer], **cfg["memory"])
@@ -235,7 +270,7 @@ def train_variant(name, spec, model, data, layer, segment_length, seed=0):
         f"| {name} | L{layer} | {steps} | {first:.2f} → {last:.2f} | {sum(vloss) / total:.3f} | "
         f"{100 * k / total:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] | "
         f"{float(memory.out_gate.detach().abs().mean()):.3f} | "
-        f"{train_time:.0f} s |",
+        f"{train_time:.0f} s | {split_accuracy(correct, in_window)} |",
         flush=True,
     )
     return correct
@@ -251,19 +286,22 @@ def main() -> None:
     p.add_argument("--layers", default="29", help="layers to place the memory after (comma list)")
     p.add_argument("--variants", default="window,no_carry,base")
     p.add_argument("--cache", default="runs/latent_study", help="folder for recorded features")
+    p.add_argument(
+        "--epochs", type=int, help=f"epochs of every variant (default {DEFAULTS['epochs']})"
+    )
     args = p.parse_args()
+    if args.epochs is not None:
+        DEFAULTS["epochs"] = args.epochs
     torch.set_num_threads(torch.get_num_threads())
     model, tokenizer = load_backbone("smollm2-135m")
     layers = [int(x) % model.config.num_hidden_layers for x in args.layers.split(",")]
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    data = []
-    for split, length, num in (
-        ("train", args.train_length, args.num_train),
-        ("validation", args.val_length, args.num_val),
-    ):
-        items = build_items(args, tokenizer, split, length, num)
-        path = cache / f"{split}_{length}_{num}_{args.segment_length}.pt"
+    data, examples = [], {}
+    for split, length in (("train", args.train_length), ("validation", args.val_length)):
+        items, examples[split] = build_items(args, tokenizer, split, length)
+        # the key names both sizes: they decide which stories each split holds
+        path = cache / f"{split}_{length}_{args.num_train}_{args.num_val}_{args.segment_length}.pt"
         stored = torch.load(path) if path.exists() else None
         if stored is None or not all(i in stored[0] for i in layers):
             print(
@@ -277,14 +315,39 @@ def main() -> None:
         f"train {len(data[0])} inputs ({args.train_length}), "
         f"validation {len(data[2])} ({args.val_length})"
     )
+    shared = {e.meta["babi_source"] for e in examples["train"]} & {
+        e.meta["babi_source"] for e in examples["validation"]
+    }
+    if shared:  # an earlier version of this script trained on most validation stories
+        raise SystemExit(f"train and validation share bAbI stories: {sorted(shared)[:3]}")
+    in_window = facts_in_window(examples["validation"], data[2], tokenizer, args.segment_length)
+    print(
+        f"validation: {sum(in_window)} of {len(in_window)} questions have every supporting fact "
+        f"in the last {args.segment_length}-token segment"
+    )
     print(
         "| variant | layer | steps | train loss (first → last 10) | val loss "
-        "| val acc % [95% CI] | gate | time |"
+        "| val acc % [95% CI] | gate | time | right, facts in window | right, facts earlier |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    names = args.variants.split(",")
     for layer in layers:
-        for name in args.variants.split(","):
-            train_variant(name, VARIANTS[name], model, data, layer, args.segment_length)
+        correct = {
+            name: train_variant(
+                name, VARIANTS[name], model, data, in_window, layer, args.segment_length
+            )
+            for name in names
+        }
+        if "no_carry" in correct:  # paired: the same questions, with and without carrying
+            for name in names:
+                if name != "no_carry":
+                    pairs = list(zip(correct[name], correct["no_carry"], strict=True))
+                    a = sum(x and not y for x, y in pairs)
+                    b = sum(y and not x for x, y in pairs)
+                    print(
+                        f"L{layer} {name} vs no_carry: {a} right only with {name}, {b} only "
+                        f"without carrying; exact McNemar p = {mcnemar_exact(a, b):.3g}"
+                    )
 
 
 if __name__ == "__main__":
