@@ -2,7 +2,7 @@
 
 The backbone is frozen and the memory sits *above* a decoder layer L, so the output of layer L
 for every segment never depends on the memory: it is recorded once per input (the expensive
-part, ~200 tokens/s on a 2-core CPU) and every memory variant then trains on it in seconds.
+part, ~200-800 tokens/s on a 2-core CPU) and every memory variant then trains on it in seconds.
 Only the layers above L run per step, and only on the last segment (the one with the answer):
 earlier segments just write, and a write reads layer L's output, so nothing above L matters there.
 
@@ -18,7 +18,7 @@ the validation split (every answer token is the argmax; EOS excluded): BabiLong 
 are one location word, so it is the official "label in the output" score of a greedy answer
 whose first tokens are the label. Test data is never touched.
 
-    python benchmarks/latent_study.py --layers 29 --variants window,no_carry,base_lr2e-3
+    python benchmarks/latent_study.py --layers 29 --variants window,no_carry,base
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from memllm.backbone import decoder_stack, load_backbone
 from memllm.data import build_task
 from memllm.memory import LatentMemoryConfig, build_memory_module
 from memllm.segments import left_pad, positions_from_mask, segment_bounds
-from memllm.stats import mcnemar_exact, wilson_interval
+from memllm.stats import paired_test, wilson_interval
 from memllm.train import encode_split
 
-# name -> (layer, memory overrides, train overrides)
+# name -> overrides of DEFAULTS ("memory" merges into DEFAULTS["memory"])
 VARIANTS: dict[str, dict] = {
     "window": {"steps": 0},
     "no_carry": {"carry": False},
@@ -297,9 +297,19 @@ def main() -> None:
     layers = [int(x) % model.config.num_hidden_layers for x in args.layers.split(",")]
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
-    data, examples = [], {}
-    for split, length in (("train", args.train_length), ("validation", args.val_length)):
-        items, examples[split] = build_items(args, tokenizer, split, length)
+    lengths = {"train": args.train_length, "validation": args.val_length}
+    built = {
+        split: build_items(args, tokenizer, split, length) for split, length in lengths.items()
+    }
+    examples = {split: ex for split, (_, ex) in built.items()}
+    shared = {e.meta["babi_source"] for e in examples["train"]} & {
+        e.meta["babi_source"] for e in examples["validation"]
+    }
+    if shared:  # an earlier version of this script trained on most validation stories
+        raise SystemExit(f"train and validation share bAbI stories: {sorted(shared)[:3]}")
+    data = []
+    for split, length in lengths.items():
+        items = built[split][0]
         # the key names both sizes: they decide which stories each split holds
         path = cache / f"{split}_{length}_{args.num_train}_{args.num_val}_{args.segment_length}.pt"
         stored = torch.load(path) if path.exists() else None
@@ -315,11 +325,6 @@ def main() -> None:
         f"train {len(data[0])} inputs ({args.train_length}), "
         f"validation {len(data[2])} ({args.val_length})"
     )
-    shared = {e.meta["babi_source"] for e in examples["train"]} & {
-        e.meta["babi_source"] for e in examples["validation"]
-    }
-    if shared:  # an earlier version of this script trained on most validation stories
-        raise SystemExit(f"train and validation share bAbI stories: {sorted(shared)[:3]}")
     in_window = facts_in_window(examples["validation"], data[2], tokenizer, args.segment_length)
     print(
         f"validation: {sum(in_window)} of {len(in_window)} questions have every supporting fact "
@@ -341,12 +346,11 @@ def main() -> None:
         if "no_carry" in correct:  # paired: the same questions, with and without carrying
             for name in names:
                 if name != "no_carry":
-                    pairs = list(zip(correct[name], correct["no_carry"], strict=True))
-                    a = sum(x and not y for x, y in pairs)
-                    b = sum(y and not x for x, y in pairs)
+                    t = paired_test(correct[name], correct["no_carry"], kind="binary")
                     print(
-                        f"L{layer} {name} vs no_carry: {a} right only with {name}, {b} only "
-                        f"without carrying; exact McNemar p = {mcnemar_exact(a, b):.3g}"
+                        f"L{layer} {name} vs no_carry: {t['a_only']} right only with {name}, "
+                        f"{t['b_only']} only without carrying; exact McNemar p = "
+                        f"{t['p_value']:.3g}"
                     )
 
 
