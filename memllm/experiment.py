@@ -73,8 +73,17 @@ class ArmSettings:
         "ablation; equals window by construction, the memory starting as the identity)",
         default=False,
     )
+    carry: bool = _help(
+        "memory arms: false = the no-carry control: the memory trains and answers on the last "
+        "segment_length tokens only (what window sees), so it can learn the answer's format and "
+        "prior but nothing that earlier segments said; a memory that retrieves must beat it",
+        default=True,
+    )
 
     def __post_init__(self) -> None:
+        if not self.carry:
+            check(self.kind == "memory", "carry", f"a {self.kind} arm has no memory to carry")
+            check(not self.untrained, "carry", "an untrained arm is the window arm already")
         if self.untrained:
             check(self.kind == "memory", "untrained", f"a {self.kind} arm has no memory to skip")
             check(self.memory is not None, "memory", "an untrained arm needs a memory config")
@@ -136,6 +145,11 @@ class ExperimentConfig:
     log: dict[str, Any] = _help("logging of trained arms", default_factory=dict)
     eval: ExperimentEval = _help("the final evaluation", default_factory=ExperimentEval)
     arms: dict[str, ArmSettings] = _help("arm name → settings", default_factory=dict)
+    compare_with: list[str] | None = _help(
+        "reference arms, each other arm is paired-tested against each of them; null = base and "
+        "window (list them too when adding one, e.g. a no-carry control: [base, window, x])",
+        default=None,
+    )
     output_dir: str = _help("results.json, results.md, plots/ and arms/", default="runs/experiment")
     seed: int = _help("seed of every arm", default=0)
 
@@ -145,6 +159,18 @@ class ExperimentConfig:
         check(len(self.arms) > 0, "arms", "needs at least one arm")
         check(self.segment_length > 0, "segment_length", "must be > 0")
         check(isinstance(self.data.get("task"), str), "data.task", "name the task")
+        for ref in self.compare_with or []:
+            check(ref in self.arms, "compare_with", f"no arm named {ref!r}")
+        # The no-carry control cuts each input to its last segment where the answer is
+        # generated; HotpotQA's supporting facts and ZsRE's teacher-forced scores read the
+        # inputs their own way, so there the control would see more than it should.
+        for name, arm in self.arms.items():
+            check(
+                arm.carry or self.data["task"] not in ("hotpotqa", "zsre"),
+                f"arms.{name}.carry",
+                f"false is not supported for {self.data['task']} (its extra scorers read whole "
+                "inputs); use it on babilong",
+            )
         # Every arm is scored by generating answers; a corpus has none (its place is train_data).
         check(
             self.data["task"] != "corpus",
@@ -206,6 +232,8 @@ def arm_run_config(exp: ExperimentConfig, name: str, arm: ArmSettings) -> RunCon
     """The run config that trains ``arm``: the experiment's model, seed and segment length, and
     its training data (``train_data`` over ``data``, or ``train_data`` alone for another task)."""
     train = {**exp.train, **arm.train, "segment_length": exp.segment_length}
+    if not arm.carry:  # the no-carry control trains on what it will answer from: one segment
+        train["max_length"] = min(train.get("max_length") or exp.segment_length, exp.segment_length)
     validation = dict(exp.validation)
     if exp.train_task_name == "corpus":
         # A corpus has no answers: validate on its held-out loss, and say so in the saved config.
@@ -252,8 +280,10 @@ def predict(
     batch_size: int,
     desc: str,
     chat: bool = False,
+    context_tokens: int | None = None,
 ) -> list[str]:
-    """Generate an answer for each example (batched, longest first to waste little padding)."""
+    """Generate an answer for each example (batched, longest first to waste little padding);
+    ``context_tokens``: read only the last that many tokens of each prompt."""
     from memllm.generation import generate
     from memllm.prompting import format_example
 
@@ -268,6 +298,7 @@ def predict(
         batch_size=batch_size,
         progress=True,
         desc=desc,
+        context_tokens=context_tokens,
     )
     result = [""] * len(examples)
     for i, text in zip(order, outputs, strict=True):
@@ -341,7 +372,7 @@ class Experiment:
             self.cfg.name, to_dict(self.cfg), self.cfg.seed, notes=self.notes
         )
         results = report.make_results(info, arm_results)
-        report.add_comparisons(results)
+        report.add_comparisons(results, self.cfg.compare_with or report.REFERENCE_ARMS)
         paths = report.write_results(self.out, results)
         self.paths = paths
         return results
@@ -391,6 +422,7 @@ class Experiment:
                 batch_size=self.cfg.eval.batch_size,
                 desc=f"eval {name}",
                 chat=self.cfg.model.chat_template,
+                context_tokens=None if arm.carry else segment,
             )
         eval_time = time.perf_counter() - eval_start
         scores = self.task.score(self.examples, outputs)
@@ -554,6 +586,8 @@ class Experiment:
             parts.append(D["no_gate"])
         if kind == "latent" and mem.get("sparsity_weight") == 0 and mem.get("entropy_weight") == 0:
             parts.append(D["no_reg"])
+        if not arm.carry:
+            parts.append(D["no_carry"])
         text = "; ".join(parts) + (" + LoRA" if arm.lora is not None else "")
         return f"{text}; {D['untrained']}" if arm.untrained else text
 

@@ -99,10 +99,14 @@ def generate(
     skip_special_tokens: bool = True,
     progress: bool = False,
     desc: str = "generate",
+    context_tokens: int | None = None,
     **generate_kwargs,
 ) -> str | list[str]:
     """Generate a continuation for each prompt, reading prompts longer than the window through
-    the memory. Prompts are batched with left padding; returns the decoded new text."""
+    the memory. Prompts are batched with left padding; returns the decoded new text.
+
+    ``context_tokens`` cuts each prompt to its last that many tokens first (a memory then reads
+    only those: the no-carry control of experiments)."""
     from tqdm.auto import tqdm
 
     single = isinstance(prompts, str)
@@ -117,10 +121,12 @@ def generate(
             padding=True,
             add_special_tokens=False,
         ).to(device)
+        # left padding: the last columns are every prompt's last tokens
+        cut = slice(-context_tokens, None) if context_tokens else slice(None)
         new = generate_ids(
             model,
-            enc["input_ids"],
-            enc["attention_mask"],
+            enc["input_ids"][:, cut],
+            enc["attention_mask"][:, cut],
             segment_length=segment_length,
             max_new_tokens=max_new_tokens,
             **generate_kwargs,

@@ -68,6 +68,8 @@ ARM_DESCRIPTIONS = {
     "neural": "Titans neural memory (test-time gradient updates) read segment by segment",
     "no_gate": "no update gate (slots overwritten, G-MemLLM ablation)",
     "no_reg": "no sparsity/entropy regularisers (ablation)",
+    "no_carry": "no-carry control: trained and evaluated on the last segment only, so nothing "
+    "from earlier segments can reach it",
     "untrained": "untrained (no fine-tuning ablation): the memory starts as the identity, "
     "so this equals window by construction",
 }
@@ -689,7 +691,8 @@ number. Metrics whose values are fractions (accuracy, exact match, F1) are shown
 Accuracies and other 0/1 metrics use the Wilson score interval; continuous metrics (F1, token
 accuracy) a percentile bootstrap of the mean. Every arm ran on the **same examples**, so arms are
 compared **paired**, example by example, against the reference arms (`base`: the backbone with
-the whole input in its window; `window`: the backbone seeing only the last segment): Δ is the arm
+the whole input in its window; `window`: the backbone seeing only the last segment; and any arm
+the config lists in `compare_with`, such as a no-carry control): Δ is the arm
 minus the reference (percentage points for percent metrics) with the paired-bootstrap 95 %
 interval of the mean difference; p is two-sided, from the exact McNemar test on the examples where
 the two arms disagree (0/1 metrics) or a sign-flip permutation test on the per-example differences

@@ -189,6 +189,33 @@ def test_latent_ablations_run(tmp_path):
     assert all(r.get("aux_loss", 0) == 0 for r in map(json.loads, log.splitlines()))
 
 
+def test_no_carry_control_trains_and_answers_on_the_last_segment(tmp_path):
+    from memllm.experiment import arm_run_config, load_experiment_config
+
+    latent = CONFIG["arms"]["latent"]
+    config = {
+        **CONFIG,
+        "train": {**CONFIG["train"], "max_steps": 1},
+        "eval": {**CONFIG["eval"], "max_examples": 2},
+        "arms": {
+            "window": {"kind": "window"},
+            "latent": latent,
+            "latent_no_carry": {**latent, "carry": False},
+        },
+        "compare_with": ["window", "latent_no_carry"],
+    }
+    results = _run(tmp_path, config)
+    arms = results["arms"]
+    assert set(arms["latent"]["comparisons"]) == {"vs_window", "vs_latent_no_carry"}
+    assert set(arms["latent_no_carry"]["comparisons"]) == {"vs_window"}
+    assert ARM_DESCRIPTIONS["no_carry"] in arms["latent_no_carry"]["description"]
+    # it trains on what it answers from: each input cut to its last segment (64 tokens)
+    cfg = load_experiment_config(tmp_path / "exp.yaml")
+    run = arm_run_config(cfg, "latent_no_carry", cfg.arms["latent_no_carry"])
+    assert run.train.max_length == 64
+    assert arm_run_config(cfg, "latent", cfg.arms["latent"]).train.max_length is None
+
+
 @pytest.mark.parametrize(
     ("change", "key"),
     [
@@ -205,6 +232,15 @@ def test_latent_ablations_run(tmp_path):
             "arms.x.lora",
         ),
         ({"arms": {"x": {"kind": "window", "untrained": True}}}, "arms.x.untrained"),
+        ({"arms": {"x": {"kind": "window", "carry": False}}}, "arms.x.carry"),
+        ({"compare_with": ["window", "ghost"]}, "compare_with"),
+        (
+            {
+                "data": {"task": "zsre"},
+                "arms": {"x": {**CONFIG["arms"]["latent"], "carry": False}},
+            },
+            "arms.x.carry",
+        ),
         (
             {
                 "arms": {

@@ -82,3 +82,29 @@ def test_identity_generation_through_segments(tiny):
     bare = memllm.generate(model, tokenizer, prompt, segment_length=32, max_new_tokens=8)
     memllm.inject_memory(model, SMALL_LATENT)
     assert memllm.generate(model, tokenizer, prompt, segment_length=32, max_new_tokens=8) == bare
+
+
+def test_context_tokens_reads_only_the_last_tokens(tiny, monkeypatch):
+    """The no-carry control's reading: with ``context_tokens`` the model (and its memory) is
+    given only each prompt's last tokens, so nothing before them can reach the answer."""
+    import memllm.generation as generation
+
+    model, tokenizer = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    seen = []
+
+    def spy(model, input_ids, attention_mask, **kwargs):
+        seen.append((input_ids, attention_mask))
+        return real(model, input_ids, attention_mask, **kwargs)
+
+    real = generation.generate_ids
+    monkeypatch.setattr(generation, "generate_ids", spy)
+    tail = "Where is Mary? Answer:"
+    prompts = ["John went to the hallway. " * 3 + tail, "Mary moved. " + tail]
+    kw = {"segment_length": 16, "max_new_tokens": 2}
+    generation.generate(model, tokenizer, prompts, context_tokens=len(tail), **kw)
+    ids, mask = seen[-1]
+    expected = tokenizer(tail, add_special_tokens=False)["input_ids"]
+    assert ids.tolist() == [expected, expected] and bool(mask.all())
+    generation.generate(model, tokenizer, prompts, **kw)  # without it: the whole prompts
+    assert seen[-1][0].shape[1] == len(tokenizer(prompts[0], add_special_tokens=False)["input_ids"])
