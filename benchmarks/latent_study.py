@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from memllm.backbone import decoder_stack, load_backbone
 from memllm.data import build_task
+from memllm.data.babilong import supporting_facts_in_window
 from memllm.memory import LatentMemoryConfig, build_memory_module
 from memllm.segments import left_pad, positions_from_mask, segment_bounds
 from memllm.stats import paired_test, wilson_interval
@@ -84,22 +85,18 @@ def facts_in_window(examples, items, tokenizer, segment_length: int) -> list[boo
     """Per input: whether every supporting fact starts inside the last segment (the window).
 
     Those questions can be answered without a memory; the others need what earlier segments
-    held. The facts are found in the chat-formatted prompt in their story order (each search
-    starts after the previous fact), so a sentence that occurs twice is placed right.
+    held. The last segment of a teacher-forced item ends with the answer and EOS, so the window
+    over the prompt alone is shorter by their tokens.
     """
     from memllm.prompting import chat_wrap
 
     flags = []
     for ex, it in zip(examples, items, strict=True):
         text = chat_wrap(tokenizer, ex.prompt)
-        starts, at = [], 0
-        for fact in ex.meta["facts"]:
-            at = text.index(fact, at)
-            starts.append(at)
-            at += len(fact)
-        first = min(starts[i] for i in ex.meta["supporting"])
-        token = len(tokenizer(text[:first], add_special_tokens=False)["input_ids"])
-        flags.append(token >= len(it.ids) - segment_length)
+        answer = len(it.ids) - len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        inside = supporting_facts_in_window(text, ex, tokenizer, segment_length - answer)
+        assert inside is not None, f"{ex.id}: no fact positions"
+        flags.append(inside)
     return flags
 
 

@@ -372,10 +372,42 @@ class Experiment:
             self.cfg.name, to_dict(self.cfg), self.cfg.seed, notes=self.notes
         )
         results = report.make_results(info, arm_results)
-        report.add_comparisons(results, self.cfg.compare_with or report.REFERENCE_ARMS)
+        references = self.cfg.compare_with or report.REFERENCE_ARMS
+        report.add_comparisons(results, references)
+        reach = self._facts_reach()
+        if reach:
+            report.add_breakdown(
+                results,
+                "where the supporting facts are",
+                reach,
+                f"BabiLong questions split by whether every supporting fact lies in the last "
+                f"{self.cfg.segment_length} tokens of the prompt (the window and memory arms' "
+                "last segment: answerable without a memory) or starts earlier (only a memory, "
+                "or base's whole window, can bring it to the answer).",
+                references,
+            )
         paths = report.write_results(self.out, results)
         self.paths = paths
         return results
+
+    def _facts_reach(self) -> dict[str, str]:
+        """BabiLong built offline: example id → "facts in window" / "facts earlier" (empty for
+        other tasks and for BabiLong files, which do not say where their facts are)."""
+        if getattr(self.task, "name", None) != "babilong":
+            return {}
+        from memllm.data.babilong import supporting_facts_in_window
+        from memllm.prompting import format_example
+
+        tokenizer = self.backbone()[1]
+        chat = self.cfg.model.chat_template
+        reach = {}
+        for ex in self.examples:
+            text = format_example(tokenizer, ex.prompt, ex.target, chat)[0]
+            inside = supporting_facts_in_window(text, ex, tokenizer, self.cfg.segment_length)
+            if inside is None:
+                return {}
+            reach[ex.id] = "facts in window" if inside else "facts earlier"
+        return reach
 
     def run_arm(self, name: str, arm: ArmSettings) -> dict[str, Any]:
         import memllm

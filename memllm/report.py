@@ -309,6 +309,89 @@ def _alignment(arm: Mapping[str, Any], ref: Mapping[str, Any]) -> np.ndarray:
     return np.asarray([position[i] for i in ids])
 
 
+def _references_of(name: str, present: Sequence[str]) -> Sequence[str]:
+    """The reference arms ``name`` is compared with: a reference only with those before it."""
+    return present[: present.index(name)] if name in present else present
+
+
+def _summary_kind(arm: Mapping[str, Any], metric: str) -> Kind:
+    """The kind an arm's metric was summarised as (its interval method says)."""
+    return "binary" if arm["metrics"][metric].get("method") == "wilson" else "continuous"
+
+
+def _paired_values(arm: Mapping[str, Any], ref: Mapping[str, Any]):
+    """``(metric, arm values, ref values aligned by example id, kind)`` for shared metrics."""
+    order = _alignment(arm, ref)
+    for metric, vals in arm["per_example"].items():
+        if metric not in ref["per_example"]:
+            continue
+        kinds = {_summary_kind(arm, metric), _summary_kind(ref, metric)}
+        yield (
+            metric,
+            np.asarray(vals, dtype=np.float64),
+            np.asarray(ref["per_example"][metric], dtype=np.float64)[order],
+            "binary" if kinds == {"binary"} else "continuous",
+        )
+
+
+def add_breakdown(
+    results: dict[str, Any],
+    key: str,
+    labels: Mapping[Any, str],
+    description: str,
+    reference_arms: Sequence[str] = REFERENCE_ARMS,
+    *,
+    confidence: float = 0.95,
+    n_resamples: int = 10_000,
+    seed: int = 0,
+    alpha: float = ALPHA,
+) -> dict[str, Any]:
+    """Every arm's metrics on subsets of the examples, with paired tests per subset.
+
+    ``labels`` maps example id → subset name (e.g. whether a question's supporting facts lie in
+    the window); examples without a label are left out. Each arm gets
+    ``arm["breakdowns"][key][subset][metric]`` (summaries, each metric's own method) and
+    ``arm["comparisons_by"][key]["vs_" + ref][subset][metric]`` (paired tests against the
+    reference arms, as :func:`add_comparisons`); ``results["breakdowns"][key]`` holds the
+    description and each subset's size. Returns ``results``, changed in place.
+    """
+    labels = {str(k): v for k, v in labels.items()}
+    subsets = list(dict.fromkeys(labels.values()))  # first-seen order
+    arms = results["arms"]
+    present = [r for r in reference_arms if r in arms]
+    stat_args = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
+    sizes: dict[str, int] = {}
+    for name, arm in arms.items():
+        of = np.asarray([labels.get(str(i), "") for i in arm["example_ids"]])
+        sizes = {sub: int((of == sub).sum()) for sub in subsets}
+        arm.setdefault("breakdowns", {})[key] = {
+            sub: {
+                metric: summarize(
+                    np.asarray(vals, dtype=np.float64)[of == sub],
+                    _summary_kind(arm, metric),
+                    **stat_args,
+                )
+                for metric, vals in arm["per_example"].items()
+            }
+            for sub in subsets
+            if sizes[sub]
+        }
+        tests: dict[str, Any] = {}
+        for ref_name in _references_of(name, present):
+            per: dict[str, Any] = {}
+            for metric, a, b, kind in _paired_values(arm, arms[ref_name]):
+                for sub in subsets:
+                    mask = of == sub
+                    if mask.any():
+                        per.setdefault(sub, {})[metric] = paired_test(
+                            a[mask], b[mask], kind, **stat_args, alpha=alpha
+                        )
+            tests[f"vs_{ref_name}"] = per
+        arm.setdefault("comparisons_by", {})[key] = tests
+    results.setdefault("breakdowns", {})[key] = {"description": description, "sizes": sizes}
+    return results
+
+
 def add_comparisons(
     results: dict[str, Any],
     reference_arms: Sequence[str] = REFERENCE_ARMS,
@@ -343,22 +426,11 @@ def add_comparisons(
     for name, arm in arms.items():
         arm["comparisons"] = {}
         arm["comparisons_by_length"] = {}
-        refs = present[: present.index(name)] if name in present else present
         length_index = _length_axis(sorted(set(arm.get("example_groups") or [])))
-        for ref_name in refs:
+        for ref_name in _references_of(name, present):
             ref = arms[ref_name]
-            order = _alignment(arm, ref)
             tests, by_length = {}, {}
-            for metric, vals in arm["per_example"].items():
-                if metric not in ref["per_example"]:
-                    continue
-                a = np.asarray(vals, dtype=np.float64)
-                b = np.asarray(ref["per_example"][metric], dtype=np.float64)[order]
-                methods = {
-                    arm["metrics"][metric].get("method"),
-                    ref["metrics"][metric].get("method"),
-                }
-                kind = "binary" if methods == {"wilson"} else "continuous"
+            for metric, a, b, kind in _paired_values(arm, ref):
                 tests[metric] = paired_test(a, b, kind, **test_args)
                 if length_index is None:
                     continue
@@ -518,10 +590,9 @@ def length_summaries(
         idx = np.asarray(members[length])
         out[length] = {}
         for metric, vals in arm["per_example"].items():
-            kind = "binary" if arm["metrics"][metric].get("method") == "wilson" else "continuous"
             out[length][metric] = summarize(
                 np.asarray(vals, dtype=np.float64)[idx],
-                kind,
+                _summary_kind(arm, metric),
                 confidence=confidence,
                 n_resamples=n_resamples,
                 seed=seed,
@@ -702,6 +773,29 @@ metrics, expect about one in twenty ✓ by chance when nothing differs. Overlapp
 arms do not by themselves mean "no difference": use the paired comparison."""
 
 
+def _subset_tables(arms, metric, pct, columns, summaries, tests, what) -> list[str]:
+    """The metric per subset (``columns``: subset → header) for every arm, then the paired Δ
+    against each reference per subset; ``summaries(arm)`` / ``tests(arm)`` read an arm's."""
+    rows = [
+        [name] + [_fmt_summary(summaries(arm).get(c, {}).get(metric), pct) for c in columns]
+        for name, arm in arms.items()
+    ]
+    out = [_md_table(["arm", *columns.values()], rows), ""]
+    rows = []
+    for name, arm in arms.items():
+        for ref_key, per in tests(arm).items():
+            cells = [_fmt_delta_cell(per.get(c, {}).get(metric), pct) for c in columns]
+            rows.append([name, ref_key.removeprefix("vs_"), *cells])
+    if rows:
+        out += [
+            f"**Δ {metric} by {what}** (paired, same examples; ✓ p < {ALPHA})",
+            "",
+            _md_table(["arm", "vs", *columns], rows, align="ll" + "r" * len(columns)),
+            "",
+        ]
+    return out
+
+
 def render_markdown(
     results: Mapping[str, Any], figures: Sequence[tuple[str, str, str]] = ()
 ) -> str:
@@ -759,30 +853,28 @@ def render_markdown(
     )
     if primary and len(lengths) > 1:
         out += [f"## {primary} by input length (all tasks pooled)", ""]
-        rows = [
-            [name]
-            + [
-                _fmt_summary(by_length[name].get(le, {}).get(primary), primary in pct)
-                for le in lengths
-            ]
-            for name in arms
-        ]
-        out += [_md_table(["arm", *lengths], rows), ""]
-        rows = []
-        for name, arm in arms.items():
-            for ref_key, per_length in (arm.get("comparisons_by_length") or {}).items():
-                cells = []
-                for le in lengths:
-                    t = per_length.get(le, {}).get(primary)
-                    cells.append(_fmt_delta_cell(t, primary in pct))
-                rows.append([name, ref_key.removeprefix("vs_"), *cells])
-        if rows:
-            out += [
-                f"**Δ {primary} by input length** (paired, same examples; ✓ p < {ALPHA})",
-                "",
-                _md_table(["arm", "vs", *lengths], rows, align="ll" + "r" * len(lengths)),
-                "",
-            ]
+        out += _subset_tables(
+            arms,
+            primary,
+            primary in pct,
+            {le: le for le in lengths},
+            lambda arm: arm.get("lengths") or {},
+            lambda arm: arm.get("comparisons_by_length") or {},
+            "input length",
+        )
+    for key, info in (results.get("breakdowns") or {}).items():
+        if not primary:
+            break
+        out += [f"## {primary} by {key}", "", info.get("description", ""), ""]
+        out += _subset_tables(
+            arms,
+            primary,
+            primary in pct,
+            {sub: f"{sub} (n={n})" for sub, n in info.get("sizes", {}).items() if n},
+            lambda arm, key=key: (arm.get("breakdowns") or {}).get(key, {}),
+            lambda arm, key=key: (arm.get("comparisons_by") or {}).get(key, {}),
+            key,
+        )
 
     group_keys = sorted(
         {g for arm in arms.values() for g in arm.get("groups", {})}, key=group_sort_key

@@ -365,3 +365,21 @@ def test_preview_command(capsys):
     out = capsys.readouterr().out
     assert out.startswith("=== babilong/qa1/1k/test/0")
     assert "Question: Where is" in out and "facts at characters" in out
+
+
+def test_supporting_facts_in_window():
+    from memllm.data.babilong import supporting_facts_in_window
+    from memllm.data.base import Example
+    from memllm.tiny import byte_tokenizer
+
+    tok = byte_tokenizer()  # one token per byte: positions are easy to count
+    facts = ["Mary went to the hall.", "John went to the garden.", "Mary went to the hall."]
+    text = "Filler. " * 10 + " ".join(facts) + " Where is John? Answer:"
+    ex = Example("x", text, " garden", {"facts": facts, "supporting": [1]})
+    after_john = len(text) - text.index("John went")
+    assert supporting_facts_in_window(text, ex, tok, after_john)
+    assert not supporting_facts_in_window(text, ex, tok, after_john - 1)
+    # the repeated fact is found after the earlier one, not at its first occurrence
+    last = Example("y", text, " hall", {"facts": facts, "supporting": [2]})
+    assert supporting_facts_in_window(text, last, tok, after_john - 10)
+    assert supporting_facts_in_window(text, Example("z", text, "", {}), tok, 10) is None

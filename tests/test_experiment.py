@@ -57,6 +57,10 @@ def test_experiment_writes_results_with_intervals(tmp_path, capsys):
         assert acc["ci95"][0] <= acc["value"] <= acc["ci95"][1]
     assert results["arms"]["latent"]["trainable_params"] > 0
     assert "vs_window" in results["arms"]["latent"]["comparisons"]
+    # BabiLong built offline knows where its facts are: accuracy split by reach
+    sizes = results["breakdowns"]["where the supporting facts are"]["sizes"]
+    assert set(sizes) <= {"facts in window", "facts earlier"} and sum(sizes.values()) == 6
+    assert "where the supporting facts are" in results["arms"]["latent"]["comparisons_by"]
     assert (tmp_path / "out" / "results.md").is_file()
     rows = (tmp_path / "out" / "arms" / "latent" / "predictions.jsonl").read_text().splitlines()
     assert len(rows) == 6

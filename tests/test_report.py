@@ -291,3 +291,35 @@ def test_log_series_follows_the_training_logger_format():
     steps, values = series["loss"]
     assert steps.tolist() == [1.0, 2.0] and values.tolist() == [2.0, 1.5]
     assert series["eval/loss"][1].tolist() == [1.7]
+
+
+def test_breakdown_summarises_and_pairs_each_subset(results):
+    from memllm.report import add_breakdown, render_markdown
+    from memllm.stats import paired_test
+
+    latent = results["arms"]["latent"]
+    ids = latent["example_ids"]
+    labels = {i: ("near" if k % 3 else "far") for k, i in enumerate(ids)}
+    add_breakdown(results, "distance", labels, "where the facts are", **FAST)
+    far = [k for k, i in enumerate(ids) if labels[i] == "far"]
+    assert results["breakdowns"]["distance"]["sizes"] == {
+        "far": len(far),
+        "near": len(ids) - len(far),
+    }
+    acc = latent["breakdowns"]["distance"]["far"]["accuracy"]
+    assert acc["n"] == len(far)
+    assert acc["value"] == pytest.approx(
+        np.mean([latent["per_example"]["accuracy"][k] for k in far])
+    )
+    test = latent["comparisons_by"]["distance"]["vs_window"]["far"]["accuracy"]
+    window = results["arms"]["window"]["per_example"]["accuracy"]
+    expected = paired_test(
+        np.asarray(latent["per_example"]["accuracy"])[far],
+        np.asarray(window)[far],
+        "binary",
+        **FAST,
+    )
+    assert test["p_value"] == pytest.approx(expected["p_value"])
+    assert set(results["arms"]["window"]["comparisons_by"]["distance"]) == {"vs_base"}
+    text = render_markdown(results)
+    assert "by distance" in text and f"far (n={len(far)})" in text

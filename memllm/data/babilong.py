@@ -315,6 +315,31 @@ def format_prompt(task: str, context: str, question: str, options: BabiLongOptio
 # --------------------------------------------------------------------------------------------
 
 
+def supporting_facts_in_window(text: str, example, tokenizer, window: int) -> bool | None:
+    """Whether every supporting fact of ``example`` starts inside the last ``window`` tokens of
+    ``text`` (its prompt as the model reads it, e.g. chat-formatted).
+
+    Such a question can be answered from the window alone; the others need what earlier
+    segments held. The facts are searched in story order, each after the previous one, so a
+    sentence that occurs twice is placed right. ``None`` when the example carries no facts
+    (BabiLong's own files do not) or a fact is not in ``text``.
+    """
+    facts, supporting = example.meta.get("facts"), example.meta.get("supporting")
+    if not facts or not supporting:
+        return None
+    starts, at = [], 0
+    for fact in facts:
+        at = text.find(fact, at)
+        if at < 0:
+            return None
+        starts.append(at)
+        at += len(fact)
+    first = min(starts[i] for i in supporting)
+    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    before = len(tokenizer(text[:first], add_special_tokens=False)["input_ids"])
+    return before >= tokens - window
+
+
 def find_layout_file(folder: Path, task: str, length: str) -> Path:
     """The file of one task and length in a folder laid out like the Hugging Face datasets."""
     candidates = []
