@@ -202,8 +202,9 @@ def run_batch(memory, upper, feats, items, layer, segment_length, carry):
     return loss, sum(aux_losses) / len(aux_losses), correct
 
 
-def train_variant(name, spec, model, data, in_window, layer, segment_length, seed=0):
-    cfg = {**DEFAULTS, **spec, "memory": {**DEFAULTS["memory"], **spec.get("memory", {})}}
+def train_variant(name, spec, model, data, in_window, layer, segment_length, defaults, seed=0):
+    """Train one variant (``spec`` over ``defaults``) and print its row; per-question correct."""
+    cfg = {**defaults, **spec, "memory": {**defaults["memory"], **spec.get("memory", {})}}
     torch.manual_seed(seed)
     mconf = LatentMemoryConfig(layer_ids=[layer], **cfg["memory"])
     memory = build_memory_module(mconf, model.config.hidden_size)
@@ -287,8 +288,7 @@ def main() -> None:
         "--epochs", type=int, help=f"epochs of every variant (default {DEFAULTS['epochs']})"
     )
     args = p.parse_args()
-    if args.epochs is not None:
-        DEFAULTS["epochs"] = args.epochs
+    defaults = {**DEFAULTS, "epochs": args.epochs or DEFAULTS["epochs"]}
     torch.set_num_threads(torch.get_num_threads())
     model, tokenizer = load_backbone("smollm2-135m")
     layers = [int(x) % model.config.num_hidden_layers for x in args.layers.split(",")]
@@ -336,7 +336,7 @@ def main() -> None:
     for layer in layers:
         correct = {
             name: train_variant(
-                name, VARIANTS[name], model, data, in_window, layer, args.segment_length
+                name, VARIANTS[name], model, data, in_window, layer, args.segment_length, defaults
             )
             for name in names
         }
