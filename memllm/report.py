@@ -1048,13 +1048,60 @@ def draw_plots(results: Mapping[str, Any], output_dir: str | Path) -> list[tuple
     out = Path(output_dir)
     logs = {name: _arm_log(arm, out) for name, arm in results["arms"].items()}
     figures: list[tuple[str, str, str]] = []
-    for draw in (_plot_metrics, _plot_heatmap, _plot_by_length, _plot_training, _plot_memory):
+    plotters = (
+        _plot_metrics,
+        _plot_heatmap,
+        _plot_by_length,
+        _plot_breakdowns,
+        _plot_training,
+        _plot_memory,
+    )
+    for draw in plotters:
         try:
             figures += draw(results, out, logs)
         except Exception:  # one broken plot must not lose the report
             logger.warning(
                 "plot %s failed; the report is written without it", draw.__name__[6:], exc_info=True
             )
+    return figures
+
+
+def _plot_breakdowns(
+    results: Mapping[str, Any], out: Path, logs: Mapping[str, list]
+) -> list[tuple[str, str, str]]:
+    """The primary metric per subset of each breakdown: one group of bars per subset, one bar
+    per arm, 95 % intervals."""
+    primary = primary_metric(results)
+    arms = list(results["arms"])
+    figures = []
+    for number, (key, info) in enumerate((results.get("breakdowns") or {}).items()):
+        subsets = [sub for sub, n in info.get("sizes", {}).items() if n]
+        if not primary or not subsets:
+            continue
+        scale = 100.0 if primary in percent_metrics(results) else 1.0
+        colours = _arm_colours(arms)
+        fig = _figure(max(5.0, 0.5 * len(arms) * len(subsets) + 2.0), 3.8)
+        ax = fig.subplots()
+        width = 0.8 / len(arms)
+        for k, name in enumerate(arms):
+            by = (results["arms"][name].get("breakdowns") or {}).get(key, {})
+            stats = [by.get(sub, {}).get(primary) or {} for sub in subsets]
+            values = np.asarray([st.get("value", np.nan) for st in stats], float)
+            ci = np.asarray([st.get("ci95", (np.nan, np.nan)) for st in stats], float)
+            x = np.arange(len(subsets)) + (k - (len(arms) - 1) / 2) * width
+            ax.bar(x, values * scale, width, color=colours[name], label=name)
+            errors = np.abs(ci.T - values) * scale
+            ax.errorbar(x, values * scale, yerr=errors, fmt="none", ecolor="black", capsize=3)
+        sizes = info["sizes"]
+        ax.set_xticks(np.arange(len(subsets)), [f"{sub} (n={sizes[sub]})" for sub in subsets])
+        ax.set_ylabel(_metric_header(primary, percent_metrics(results)))
+        ax.legend(fontsize=8)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+        fig.suptitle(f"{primary} by {key} (error bars: 95% CI)")
+        rel = f"plots/breakdown_{number}.png"
+        _save(fig, out / rel)
+        figures.append((f"{primary} by {key}", rel, info.get("description", "")))
     return figures
 
 

@@ -293,8 +293,8 @@ def test_log_series_follows_the_training_logger_format():
     assert series["eval/loss"][1].tolist() == [1.7]
 
 
-def test_breakdown_summarises_and_pairs_each_subset(results):
-    from memllm.report import add_breakdown, render_markdown
+def test_breakdown_summarises_and_pairs_each_subset(results, tmp_path):
+    from memllm.report import add_breakdown, write_results
     from memllm.stats import paired_test
 
     latent = results["arms"]["latent"]
@@ -321,5 +321,7 @@ def test_breakdown_summarises_and_pairs_each_subset(results):
     )
     assert test["p_value"] == pytest.approx(expected["p_value"])
     assert set(results["arms"]["window"]["comparisons_by"]["distance"]) == {"vs_base"}
-    text = render_markdown(results)
+    paths = write_results(tmp_path / "run", results)
+    text = paths["markdown"].read_text()
     assert "by distance" in text and f"far (n={len(far)})" in text
+    assert tmp_path / "run" / "plots" / "breakdown_0.png" in paths["plots"]
