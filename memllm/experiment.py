@@ -385,6 +385,7 @@ class Experiment:
                 "last segment: answerable without a memory) or starts earlier (only a memory, "
                 "or base's whole window, can bring it to the answer).",
                 references,
+                order=["facts in window", "facts earlier"],
             )
         paths = report.write_results(self.out, results)
         self.paths = paths

@@ -3,11 +3,13 @@
 An experiment runs several *arms* (``base``, ``window``, ``finetuned``, ``latent``, ``neural``,
 ablations) on the same evaluation examples. Each arm's per-example metric values become a result
 with 95 % intervals (:func:`build_arm_result`), the arms are compared pairwise on the same
-examples against the reference arms (:func:`add_comparisons`), and :func:`write_results` writes::
+examples against the reference arms (:func:`add_comparisons`), optionally on subsets of the
+examples too (:func:`add_breakdown`), and :func:`write_results` writes::
 
     <output_dir>/results.json    the numbers (schema below), per-example values included
     <output_dir>/results.md      tables, notes and the embedded plots
-    <output_dir>/plots/*.png     heat-map, metric vs length, metrics per arm, training, memory
+    <output_dir>/plots/*.png     heat-map, metric vs length, metrics per arm, per subset, training,
+                                 memory
 
 ``results.json``::
 
@@ -20,9 +22,12 @@ examples against the reference arms (:func:`add_comparisons`), and :func:`write_
                     "lengths": {"2k": {metric: {...}}},            # when groups carry lengths
                     "comparisons": {"vs_base": {metric: paired_test(...)}, "vs_window": {...}},
                     "comparisons_by_length": {"vs_base": {"2k": {metric: paired_test(...)}}},
+                    "breakdowns": {key: {subset: {metric: {...}}}},   # add_breakdown
+                    "comparisons_by": {key: {"vs_base": {subset: {metric: paired_test(...)}}}},
                     "wall_time_s", "train_time_s", "eval_time_s", "trainable_params", "seed",
                     "train_log", "example_ids", "example_groups", "per_example": {metric: [...]},
-                    "extra"}}}
+                    "extra"}},
+     "breakdowns": {key: {"description", "sizes": {subset: n}}}}  # add_breakdown
 
 Typical use, in the experiment runner::
 
@@ -341,6 +346,7 @@ def add_breakdown(
     description: str,
     reference_arms: Sequence[str] = REFERENCE_ARMS,
     *,
+    order: Sequence[str] = (),
     confidence: float = 0.95,
     n_resamples: int = 10_000,
     seed: int = 0,
@@ -349,14 +355,15 @@ def add_breakdown(
     """Every arm's metrics on subsets of the examples, with paired tests per subset.
 
     ``labels`` maps example id → subset name (e.g. whether a question's supporting facts lie in
-    the window); examples without a label are left out. Each arm gets
+    the window); examples without a label are left out. Subsets appear in ``order``, then any
+    others in first-seen order. Each arm gets
     ``arm["breakdowns"][key][subset][metric]`` (summaries, each metric's own method) and
     ``arm["comparisons_by"][key]["vs_" + ref][subset][metric]`` (paired tests against the
     reference arms, as :func:`add_comparisons`); ``results["breakdowns"][key]`` holds the
     description and each subset's size. Returns ``results``, changed in place.
     """
     labels = {str(k): v for k, v in labels.items()}
-    subsets = list(dict.fromkeys(labels.values()))  # first-seen order
+    subsets = list(dict.fromkeys([*order, *labels.values()]))
     arms = results["arms"]
     present = [r for r in reference_arms if r in arms]
     stat_args = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
