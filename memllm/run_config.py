@@ -362,6 +362,42 @@ def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)
 
 
+# Settings a run may change when it resumes from a checkpoint: how long it goes on, how often it
+# saves, validates and logs, and where. Everything else decides what the checkpoint holds.
+RESUMABLE_KEYS = (
+    "output_dir",
+    "train.epochs",
+    "train.max_steps",
+    "train.max_minutes",
+    "train.save_every",
+    "train.keep_last",
+    "train.feature_cache",  # a faster path to the same numbers (tested equal)
+    "eval.",
+    "log.",
+)
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}."))
+    return out
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
+    """``"key: saved → now"`` for each setting that differs from the config a checkpoint's run
+    was written with (``saved``, its ``config.yaml``), other than :data:`RESUMABLE_KEYS`."""
+    old, new = _flat(saved), _flat(yaml.safe_load(dump_yaml(cfg)))
+    changed = []
+    for key in [*old, *(k for k in new if k not in old)]:
+        if key.startswith(RESUMABLE_KEYS) or old.get(key) == new.get(key):
+            continue
+        changed.append(f"{key}: {old.get(key)!r} → {new.get(key)!r}")
+    return changed
+
+
 def check_against_model(cfg: RunConfig, model, source: str | Path | None = None) -> None:
     """Checks that need the loaded model: memory layer indices and the segment length."""
     from memllm.backbone import context_length, decoder_stack

@@ -666,6 +666,7 @@ class Trainer:
         if self.resume and checkpoint is None:
             raise MemllmError(f"--resume: no complete checkpoint in {self.out / CHECKPOINTS}")
         if checkpoint is not None:
+            self._check_same_run()
             self.load_checkpoint(checkpoint)
             self._info("resuming from %s (step %d)", checkpoint, self.state.step)
         self._write_config()
@@ -822,6 +823,24 @@ class Trainer:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         acc.wait_for_everyone()
         return TrainResult(self.model, self.tokenizer, self.out, summary, sp_head=self.sp_head)
+
+    def _check_same_run(self) -> None:
+        """Refuse to resume a checkpoint trained with other settings: the run would continue
+        (or, finished, just report) a memory its config does not describe."""
+        from memllm.config import load_yaml
+        from memllm.run_config import resume_conflicts
+
+        path = self.out / "config.yaml"
+        if not path.is_file():
+            return
+        changed = resume_conflicts(load_yaml(path), self.cfg)
+        if changed:
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            raise ConfigError(
+                f"{self.out} holds checkpoints of a run with other settings "
+                f"({'; '.join(changed[:3])}{more}): use a new output_dir, or delete "
+                f"{self.out / CHECKPOINTS} to start over"
+            )
 
     def _write_config(self) -> None:
         if not self.accelerator.is_main_process:

@@ -138,3 +138,19 @@ def test_sigkill_mid_training_then_resume_is_exact(tmp_path):
     reference = train(load_run_config(config, _overrides(tmp_path / "reference")), source=config)
     assert_bit_identical(final_weights(reference.output_dir), final_weights(out))
     assert logged_steps(out) == logged_steps(reference.output_dir)
+
+
+def test_resume_refuses_a_checkpoint_trained_with_other_settings(tmp_path):
+    """A finished run resumed with another learning rate would report a memory its config does
+    not describe; training longer or logging differently is a resume."""
+    from memllm.errors import ConfigError
+
+    first = train(toy_config(tmp_path, train={"max_steps": 2}), task=ToyTask())
+    with pytest.raises(ConfigError, match=r"train\.lr: 0\.01 → 0\.5.*new output_dir") as err:
+        train(toy_config(tmp_path, train={"max_steps": 2, "lr": 0.5}), task=ToyTask())
+    assert str(first.output_dir) in str(err.value)
+    longer = train(
+        toy_config(tmp_path, train={"max_steps": 4}, log={"every": 2}, eval={"every": 4}),
+        task=ToyTask(),
+    )
+    assert logged_steps(longer.output_dir)[-1] == 4
