@@ -364,10 +364,14 @@ class Experiment:
     def run(self) -> dict[str, Any]:
         from memllm import report
 
+        kept = self._kept_arms()
         arm_results = []
-        for name in self.arm_names:
-            log.info("arm %s (%s)", name, self.cfg.arms[name].kind)
-            arm_results.append(self.run_arm(name, self.cfg.arms[name]))
+        for name in self.cfg.arms:  # the config's order, run or kept
+            if name in self.arm_names:
+                log.info("arm %s (%s)", name, self.cfg.arms[name].kind)
+                arm_results.append(self.run_arm(name, self.cfg.arms[name]))
+            elif name in kept:
+                arm_results.append(kept[name])
         info = report.experiment_info(
             self.cfg.name, to_dict(self.cfg), self.cfg.seed, notes=self.notes
         )
@@ -390,6 +394,43 @@ class Experiment:
         paths = report.write_results(self.out, results)
         self.paths = paths
         return results
+
+    def _kept_arms(self) -> dict[str, dict[str, Any]]:
+        """With ``--arms``, the other arms' results from this output folder's ``results.json``,
+        so that running arms one session at a time builds up one report instead of overwriting
+        it. An arm is kept only if the experiment's settings (all but arms, name, compare_with)
+        and that arm's own settings are unchanged; others are dropped with a warning."""
+        from memllm import report
+
+        path = self.out / "results.json"
+        others = [n for n in self.cfg.arms if n not in self.arm_names]
+        if not others or not path.is_file():
+            return {}
+        previous = report.load_results(path)
+        old, new = previous["experiment"].get("config", {}), to_dict(self.cfg)
+        loose = ("arms", "name", "compare_with")
+        same = {k: v for k, v in old.items() if k not in loose} == {
+            k: v for k, v in new.items() if k not in loose
+        }
+        kept, dropped = {}, []
+        for name in others:
+            if name not in previous["arms"]:
+                continue
+            if same and old.get("arms", {}).get(name) == new["arms"][name]:
+                kept[name] = previous["arms"][name]
+            else:
+                dropped.append(name)
+        if kept:
+            log.info("arms %s: kept from %s (same settings)", ", ".join(kept), path)
+            notes = previous["experiment"].get("notes", [])
+            self.notes += [n for n in notes if n not in self.notes]
+        if dropped:
+            log.warning(
+                "%s: arms %s ran with other settings; not in the new report (rerun them)",
+                path,
+                ", ".join(dropped),
+            )
+        return kept
 
     def _facts_reach(self) -> dict[str, str]:
         """BabiLong built offline: example id → "facts in window" / "facts earlier" (empty for

@@ -278,3 +278,18 @@ def test_memory_arms_are_described_by_their_config():
     assert describe(memory={"type": "latent"}, lora={"rank": 2}).endswith("+ LoRA")
     text = describe(memory={"type": "latent", "update_gate": False}, untrained=True)
     assert ARM_DESCRIPTIONS["no_gate"] in text and text.endswith(ARM_DESCRIPTIONS["untrained"])
+
+
+def test_arms_run_one_at_a_time_build_one_report(tmp_path, caplog):
+    """--arms keeps the other arms' results when their settings are unchanged (no lost work)."""
+    config = {**CONFIG, "train": {**CONFIG["train"], "max_steps": 1}}
+    first = _run(tmp_path, config, "--arms", "window,latent")
+    second = _run(tmp_path, config, "--arms", "base")
+    assert list(second["arms"]) == ["base", "window", "latent"]
+    assert second["arms"]["latent"]["per_example"] == first["arms"]["latent"]["per_example"]
+    assert "vs_base" in second["arms"]["latent"]["comparisons"]  # paired with the new arm
+    # another evaluation: the kept arms would not pair with it, so they are dropped, loudly
+    changed = {**config, "eval": {**config["eval"], "max_new_tokens": 2}}
+    third = _run(tmp_path, changed, "--arms", "window")
+    assert list(third["arms"]) == ["window"]
+    assert "ran with other settings" in caplog.text
