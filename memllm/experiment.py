@@ -354,6 +354,7 @@ class Experiment:
         self.max_new_tokens = cfg.eval.max_new_tokens or getattr(self.task, "max_new_tokens", 20)
         self.notes: list[str] = []
         self._backbone = None
+        self._reach: dict[str, str] | None = None  # BabiLong: example id → where its facts are
 
     def backbone(self):
         """The bare backbone, loaded once for the baseline arms."""
@@ -362,28 +363,35 @@ class Experiment:
         return self._backbone
 
     def run(self) -> dict[str, Any]:
+        """Run the selected arms; the report is rewritten after each one, so an interrupted
+        experiment keeps what it finished (rerun the rest with ``--arms``)."""
+        kept = self._kept_arms()
+        done: dict[str, dict[str, Any]] = {}
+        results: dict[str, Any] = {}
+        for name in self.arm_names:
+            log.info("arm %s (%s)", name, self.cfg.arms[name].kind)
+            done[name] = self.run_arm(name, self.cfg.arms[name])
+            # the config's order, run or kept
+            finished = [done.get(n) or kept[n] for n in self.cfg.arms if n in done or n in kept]
+            results = self._write_report(finished)
+        return results
+
+    def _write_report(self, arm_results: list[dict[str, Any]]) -> dict[str, Any]:
         from memllm import report
 
-        kept = self._kept_arms()
-        arm_results = []
-        for name in self.cfg.arms:  # the config's order, run or kept
-            if name in self.arm_names:
-                log.info("arm %s (%s)", name, self.cfg.arms[name].kind)
-                arm_results.append(self.run_arm(name, self.cfg.arms[name]))
-            elif name in kept:
-                arm_results.append(kept[name])
         info = report.experiment_info(
             self.cfg.name, to_dict(self.cfg), self.cfg.seed, notes=self.notes
         )
         results = report.make_results(info, arm_results)
         references = self.cfg.compare_with or report.REFERENCE_ARMS
         report.add_comparisons(results, references)
-        reach = self._facts_reach()
-        if reach:
+        if self._reach is None:
+            self._reach = self._facts_reach()
+        if self._reach:
             report.add_breakdown(
                 results,
                 "where the supporting facts are",
-                reach,
+                self._reach,
                 f"BabiLong questions split by whether every supporting fact lies in the last "
                 f"{self.cfg.segment_length} tokens of the prompt (the window and memory arms' "
                 "last segment: answerable without a memory) or starts earlier (only a memory, "
@@ -391,8 +399,7 @@ class Experiment:
                 references,
                 order=["facts in window", "facts earlier"],
             )
-        paths = report.write_results(self.out, results)
-        self.paths = paths
+        self.paths = report.write_results(self.out, results)
         return results
 
     def _kept_arms(self) -> dict[str, dict[str, Any]]:

@@ -293,3 +293,24 @@ def test_arms_run_one_at_a_time_build_one_report(tmp_path, caplog):
     third = _run(tmp_path, changed, "--arms", "window")
     assert list(third["arms"]) == ["window"]
     assert "ran with other settings" in caplog.text
+
+
+def test_an_interrupted_experiment_keeps_its_finished_arms(tmp_path, monkeypatch):
+    config = {**CONFIG, "train": {**CONFIG["train"], "max_steps": 1}}
+    real = Experiment.run_arm
+
+    def crash_on_latent(self, name, arm):
+        if name == "latent":
+            raise KeyboardInterrupt
+        return real(self, name, arm)
+
+    monkeypatch.setattr(Experiment, "run_arm", crash_on_latent)
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        yaml.safe_dump({**config, "output_dir": str(tmp_path / "out")}, sort_keys=False)
+    )
+    assert main(["experiment", "--config", str(path)]) == 130  # Ctrl-C during the latent arm
+    partial = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(partial["arms"]) == ["base", "window"]
+    monkeypatch.setattr(Experiment, "run_arm", real)
+    assert list(_run(tmp_path, config, "--arms", "latent")["arms"]) == ["base", "window", "latent"]
