@@ -77,7 +77,7 @@ def run(tmp_path_factory):
         yaml.safe_dump({**CONFIG, "arms": arms, "output_dir": str(out)}, sort_keys=False)
     )
     with pytest.MonkeyPatch.context() as patch:  # plots are test_report's (and take seconds)
-        patch.setattr("memllm.report.draw_plots", lambda *_args: [])
+        patch.setattr("memllm.report_plots.draw_plots", lambda *_args: [])
         assert main(["experiment", "--config", str(path)]) == 0
     return path, out, json.loads((out / "results.json").read_text())
 

@@ -48,7 +48,7 @@ def _with_memory(model, gate: float | None = None, seed: int = 0):
 
 def test_experiment_reports_zsre_accuracies_per_arm(tmp_path, one_thread, monkeypatch):
     # plots are tested in test_report and take most of this test's time on a small CPU
-    monkeypatch.setattr("memllm.report.draw_plots", lambda *_args, **_kw: [])
+    monkeypatch.setattr("memllm.report_plots.draw_plots", lambda *_args, **_kw: [])
     config = {
         "name": "tiny zsre",
         "model": {"name": "tiny-llama"},

@@ -15,12 +15,11 @@ from memllm.report import (
     format_table,
     group_sort_key,
     load_results,
-    log_series,
     make_results,
     parse_length,
-    read_train_log,
     write_results,
 )
+from memllm.report_plots import log_series, read_train_log
 
 FAST = {"n_resamples": 200}
 TASKS, LENGTHS, PER_GROUP = ("qa1", "qa2"), ("1k", "2k"), 12
