@@ -223,10 +223,16 @@ class Experiment:
         other tasks and for BabiLong files, which do not say where their facts are)."""
         if getattr(self.task, "name", None) != "babilong":
             return {}
+        if not all(ex.meta.get("facts") for ex in self.examples):
+            return {}
+        from memllm.backbone import load_tokenizer
         from memllm.data.babilong import supporting_facts_in_window
         from memllm.prompting import format_example
 
-        tokenizer = self.backbone()[1]
+        m = self.cfg.model
+        tokenizer = (
+            self._backbone[1] if self._backbone else load_tokenizer(m.name, gguf_file=m.gguf_file)
+        )
         chat = self.cfg.model.chat_template
         reach = {}
         for ex in self.examples:
