@@ -25,6 +25,7 @@ EVERY_ARM = [
     "latent",
     "latent_no_reg",
     "latent_no_gate",
+    "latent_no_carry",
     "neural_context",
     "neural_layer",
     "neural_gate",
