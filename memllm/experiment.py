@@ -144,15 +144,12 @@ class Experiment:
     def run(self) -> dict[str, Any]:
         """Run the selected arms; the report is rewritten after each one, so an interrupted
         experiment keeps what it finished (rerun the rest with ``--arms``)."""
-        kept = self._kept_arms()
-        done: dict[str, dict[str, Any]] = {}
+        kept = self._kept_arms()  # arm name -> result, filled in as arms finish
         results: dict[str, Any] = {}
         for name in self.arm_names:
             log.info("arm %s (%s)", name, self.cfg.arms[name].kind)
-            done[name] = self.run_arm(name, self.cfg.arms[name])
-            # the config's order, run or kept
-            finished = [done.get(n) or kept[n] for n in self.cfg.arms if n in done or n in kept]
-            results = self._write_report(finished)
+            kept[name] = self.run_arm(name, self.cfg.arms[name])  # a rerun replaces a kept one
+            results = self._write_report([kept[n] for n in self.cfg.arms if n in kept])
         return results
 
     def _write_report(self, arm_results: list[dict[str, Any]]) -> dict[str, Any]:
@@ -559,7 +556,11 @@ def cmd_quickstart(args) -> int:
 def register(sub) -> None:
     p = sub.add_parser("experiment", help="run memory and baseline arms, write a report")
     p.add_argument("--config", required=True, help="experiment config YAML")
-    p.add_argument("--arms", help="comma-separated subset of the config's arms")
+    p.add_argument(
+        "--arms",
+        help="comma-separated subset of the config's arms; the other arms' results already in "
+        "the output folder stay in the report when their settings are unchanged",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=cmd_experiment)
 
@@ -568,6 +569,10 @@ def register(sub) -> None:
         help="the bundled model + BabiLong built offline: latent memory vs baselines (~15 min CPU)",
     )
     q.add_argument("--output", help="output folder (default runs/quickstart)")
-    q.add_argument("--arms", help="comma-separated subset of the arms (base, window, latent)")
+    q.add_argument(
+        "--arms",
+        help="comma-separated subset of the arms (base, window, latent); the others' results "
+        "already in the output folder stay in the report when their settings are unchanged",
+    )
     q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     q.set_defaults(func=cmd_quickstart)
