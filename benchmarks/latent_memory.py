@@ -23,7 +23,7 @@ import time
 import torch
 
 import memllm
-from memllm.segments import forward_segments
+from memllm.core.segments import forward_segments
 
 
 def median_time(fn, repeats: int) -> float:

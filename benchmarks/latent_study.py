@@ -31,13 +31,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from memllm.backbone import decoder_stack, load_backbone
+from memllm.core.backbone import decoder_stack, load_backbone
+from memllm.core.segments import left_pad, positions_from_mask, segment_bounds
 from memllm.data import build_task
 from memllm.data.babilong import supporting_facts_in_window
+from memllm.evaluation.stats import paired_test, wilson_interval
 from memllm.memory import LatentMemoryConfig, build_memory_module
-from memllm.segments import left_pad, positions_from_mask, segment_bounds
-from memllm.stats import paired_test, wilson_interval
-from memllm.train import encode_split
+from memllm.training.trainer import encode_split
 
 # name -> overrides of DEFAULTS ("memory" merges into DEFAULTS["memory"])
 VARIANTS: dict[str, dict] = {
@@ -88,7 +88,7 @@ def facts_in_window(examples, items, tokenizer, segment_length: int) -> list[boo
     held. The last segment of a teacher-forced item ends with the answer and EOS, so the window
     over the prompt alone is shorter by their tokens.
     """
-    from memllm.prompting import chat_wrap
+    from memllm.data.prompting import chat_wrap
 
     flags = []
     for ex, it in zip(examples, items, strict=True):

@@ -12,22 +12,27 @@ Public API::
 
 __version__ = "0.1.0"
 
-from memllm.backbone import load_backbone, load_tokenizer
-from memllm.checkpoint import load_memory, save_memory
-from memllm.config import ConfigError
-from memllm.errors import BackboneError, CheckpointError, DataError, MemllmError
-from memllm.generation import generate, generate_ids
-from memllm.inject import (
-    MemorySession,
+from memllm import _compat
+from memllm.core.backbone import load_backbone, load_tokenizer
+from memllm.core.checkpoint import load_memory, save_memory
+from memllm.core.config import ConfigError
+from memllm.core.generation import generate, generate_ids
+from memllm.core.inject import (
+    get_controller,
+    has_memory,
     inject_memory,
     memory_config,
     memory_parameters,
     memory_session,
     remove_memory,
 )
-from memllm.lora import LoraSettings, apply_lora, lora_parameters
+from memllm.core.lora import LoraSettings, apply_lora, lora_parameters
+from memllm.core.segments import forward_segments, segment_bounds
+from memllm.core.session import MemorySession
+from memllm.errors import BackboneError, CheckpointError, DataError, MemllmError
 from memllm.memory import LatentMemoryConfig, memory_config_from_dict
-from memllm.segments import forward_segments, segment_bounds
+
+_compat.install()  # old flat import paths, deprecated
 
 __all__ = [
     "BackboneError",
@@ -43,6 +48,8 @@ __all__ = [
     "forward_segments",
     "generate",
     "generate_ids",
+    "get_controller",
+    "has_memory",
     "inject_memory",
     "load_backbone",
     "load_memory",

@@ -14,8 +14,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from memllm.backbone import freeze  # noqa: E402
-from memllm.tiny import build_tiny_model  # noqa: E402
+from memllm.core.backbone import freeze  # noqa: E402
+from memllm.core.tiny import build_tiny_model  # noqa: E402
 
 SMALL_LATENT = {"type": "latent", "num_slots": 4, "memory_dim": 16, "num_heads": 2}
 

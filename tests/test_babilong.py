@@ -368,9 +368,9 @@ def test_preview_command(capsys):
 
 
 def test_supporting_facts_in_window():
+    from memllm.core.tiny import byte_tokenizer
     from memllm.data.babilong import supporting_facts_in_window
     from memllm.data.base import Example
-    from memllm.tiny import byte_tokenizer
 
     tok = byte_tokenizer()  # one token per byte: positions are easy to count
     facts = ["Mary went to the hall.", "John went to the garden.", "Mary went to the hall."]

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 from test_latent_memory import random_ids, wake_memory
 
 import memllm
-from memllm.checkpoint import CONFIG_FILE, WEIGHTS_FILE
-from memllm.inject import _find_controller
-from memllm.segments import forward_segments
+from memllm.core.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from memllm.core.inject import has_memory
+from memllm.core.segments import forward_segments
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_other_backbone_is_refused(tiny, trained):
     deeper, _ = tiny("llama", layers=3)
     with pytest.raises(memllm.CheckpointError, match="num_layers"):
         memllm.load_memory(deeper, path)
-    assert _find_controller(wider) is None
+    assert not has_memory(wider)
 
 
 def test_missing_or_reshaped_tensor_is_refused(tiny, trained):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from memllm.commands import memory_config_from_file
-from memllm.config import load_yaml
-from memllm.experiment import arm_run_config, load_experiment_config, quickstart_config
-from memllm.run_config import load_run_config
+from memllm.cli.model import memory_config_from_file
+from memllm.core.config import load_yaml
+from memllm.evaluation.experiment import arm_run_config, load_experiment_config, quickstart_config
+from memllm.training.run_config import load_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = [*sorted((ROOT / "configs").rglob("*.yaml")), quickstart_config()]

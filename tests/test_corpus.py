@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from memllm.backbone import load_tokenizer
+from memllm.core.backbone import load_tokenizer
 from memllm.data import TASKS, Example, Task, build_task
 from memllm.data.babi import find_babi
 from memllm.errors import ConfigError, DataError

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memllm.run_config import load_run_config
-from memllm.train import train
+from memllm.training.run_config import load_run_config
+from memllm.training.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs/debug.yaml")

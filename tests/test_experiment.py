@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from memllm.cli import main
-from memllm.experiment import ArmSettings, Experiment
-from memllm.prompting import format_example
-from memllm.report import ARM_DESCRIPTIONS
-from memllm.tiny import byte_tokenizer
+from memllm.core.tiny import byte_tokenizer
+from memllm.data.prompting import format_example
+from memllm.evaluation.experiment import ArmSettings, Experiment
+from memllm.evaluation.report import ARM_DESCRIPTIONS
 
 CONFIG = {
     "name": "tiny experiment",
@@ -194,7 +194,7 @@ def test_latent_ablations_run(tmp_path):
 
 
 def test_no_carry_control_trains_and_answers_on_the_last_segment(tmp_path):
-    from memllm.experiment import arm_run_config, load_experiment_config
+    from memllm.evaluation.experiment import arm_run_config, load_experiment_config
 
     latent = CONFIG["arms"]["latent"]
     config = {

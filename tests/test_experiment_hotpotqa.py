@@ -11,11 +11,11 @@ import yaml
 from conftest import single_thread
 
 from memllm.cli import main
-from memllm.config import from_dict
+from memllm.core.config import from_dict
 from memllm.data import build_task
 from memllm.errors import CheckpointError, ConfigError
-from memllm.run_config import RunConfig
-from memllm.sp_head import SP_HEAD_FILE, build_head, load_sp_head, save_sp_head
+from memllm.training.run_config import RunConfig
+from memllm.training.sp_head import SP_HEAD_FILE, build_head, load_sp_head, save_sp_head
 
 SMALL_LATENT = {
     "type": "latent",
@@ -77,7 +77,7 @@ def run(tmp_path_factory):
         yaml.safe_dump({**CONFIG, "arms": arms, "output_dir": str(out)}, sort_keys=False)
     )
     with pytest.MonkeyPatch.context() as patch:  # plots are test_report's (and take seconds)
-        patch.setattr("memllm.report_plots.draw_plots", lambda *_args: [])
+        patch.setattr("memllm.evaluation.report_plots.draw_plots", lambda *_args: [])
         assert main(["experiment", "--config", str(path)]) == 0
     return path, out, json.loads((out / "results.json").read_text())
 
@@ -146,12 +146,12 @@ def test_missing_sp_head_in_checkpoint_is_one_line(run, tmp_path, capsys):
 
 
 def test_resume_needs_the_sp_head(run):
-    from memllm.experiment import load_experiment_config
-    from memllm.train import latest_checkpoint, train
+    from memllm.evaluation.experiment import load_experiment_config
+    from memllm.training.trainer import latest_checkpoint, train
 
     path, out, _ = run
     cfg = load_experiment_config(path)
-    from memllm.experiment import arm_run_config
+    from memllm.evaluation.experiment import arm_run_config
 
     run_cfg = arm_run_config(cfg, "latent", cfg.arms["latent"])
     checkpoint = latest_checkpoint(out / "arms/latent")
@@ -186,7 +186,7 @@ def test_supporting_facts_weight_needs_hotpotqa():
 
 
 def test_feature_cache_gives_the_same_sp_loss(tmp_path):
-    from memllm.train import train
+    from memllm.training.trainer import train
 
     losses = {}
     for cache in (False, True):

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file
 
 import memllm
+from memllm.core.segments import forward_segments
 from memllm.errors import ConfigError
-from memllm.feature_cache import FeatureCache, unsupported_reason
-from memllm.segments import forward_segments
-from memllm.train import train
+from memllm.training.feature_cache import FeatureCache, unsupported_reason
+from memllm.training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import SMALL_MEMORY, ToyTask, toy_config

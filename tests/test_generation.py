@@ -7,7 +7,7 @@ from conftest import SMALL_LATENT
 from test_latent_memory import random_ids, wake_memory
 
 import memllm
-from memllm.segments import forward_segments
+from memllm.core.segments import forward_segments
 
 
 def test_memory_is_used_from_the_first_generated_token(tiny):
@@ -87,7 +87,7 @@ def test_identity_generation_through_segments(tiny):
 def test_context_tokens_reads_only_the_last_tokens(tiny, monkeypatch):
     """The no-carry control's reading: with ``context_tokens`` the model (and its memory) is
     given only each prompt's last tokens, so nothing before them can reach the answer."""
-    import memllm.generation as generation
+    import memllm.core.generation as generation
 
     model, tokenizer = tiny("llama")
     memllm.inject_memory(model, SMALL_LATENT)

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from memllm.backbone import load_tokenizer
 from memllm.cli import main
+from memllm.core.backbone import load_tokenizer
 from memllm.data import build_task
 from memllm.data.hotpotqa import format_prompt, load_hotpot_file
 from memllm.data.supporting_facts import (
@@ -22,7 +22,7 @@ from memllm.data.supporting_facts import (
     write_hotpot_predictions,
 )
 from memllm.errors import DataError
-from memllm.metrics import hotpot_evaluate
+from memllm.evaluation.metrics import hotpot_evaluate
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

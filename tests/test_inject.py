@@ -7,9 +7,9 @@ import torch
 from conftest import SMALL_LATENT
 
 import memllm
-from memllm.backbone import DECODER_STACKS, decoder_stack
-from memllm.config import ConfigError
-from memllm.inject import MemoryLayer, _find_controller
+from memllm.core.backbone import DECODER_STACKS, decoder_stack
+from memllm.core.config import ConfigError
+from memllm.core.inject import MemoryLayer, has_memory
 
 
 def test_bad_layer_index_fails_before_touching_the_model(tiny):
@@ -20,7 +20,7 @@ def test_bad_layer_index_fails_before_touching_the_model(tiny):
     ):
         memllm.inject_memory(model, {**SMALL_LATENT, "layer_ids": [0, 5]})
     assert list(decoder_stack(model)[1]) == layers_before
-    assert _find_controller(model) is None
+    assert not has_memory(model)
 
 
 @pytest.mark.parametrize(
@@ -39,7 +39,7 @@ def test_bad_memory_config_is_one_line(tiny, change, message):
     with pytest.raises(ConfigError, match=message) as err:
         memllm.inject_memory(model, {**SMALL_LATENT, **change})
     assert "\n" not in str(err.value)
-    assert _find_controller(model) is None
+    assert not has_memory(model)
 
 
 def test_remove_memory_restores_the_model(tiny):

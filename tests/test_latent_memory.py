@@ -7,8 +7,8 @@ import torch
 from conftest import SMALL_LATENT
 
 import memllm
-from memllm.inject import memory_layers
-from memllm.segments import forward_segments, positions_from_mask, segment_bounds
+from memllm.core.inject import memory_layers
+from memllm.core.segments import forward_segments, positions_from_mask, segment_bounds
 
 ARCHS = ["llama", "gpt2", "qwen2", "gemma3"]
 

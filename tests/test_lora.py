@@ -7,9 +7,9 @@ import torch
 from conftest import single_thread
 
 import memllm
-from memllm.checkpoint import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE
-from memllm.lora import lora_parameters
-from memllm.segments import forward_segments
+from memllm.core.checkpoint import ADAPTER_FILE, CONFIG_FILE, WEIGHTS_FILE
+from memllm.core.lora import lora_parameters
+from memllm.core.segments import forward_segments
 
 NEURAL = {"type": "neural", "memory_dim": 16, "chunk_size": 4, "max_adaptive_lr": 0.1}
 LORA = {"rank": 4, "alpha": 8, "dropout": 0.05}

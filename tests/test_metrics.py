@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from memllm.backbone import load_tokenizer
 from memllm.cli import main
-from memllm.metrics import (
+from memllm.core.backbone import load_tokenizer
+from memllm.evaluation.metrics import (
     HOTPOT_KEYS,
     babilong_compare_answers,
     babilong_score,

@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 import memllm
-from memllm.config import ConfigError, from_dict, load_yaml
-from memllm.inject import memory_layers
-from memllm.lora import LoraSettings
+from memllm.core.config import ConfigError, from_dict, load_yaml
+from memllm.core.inject import memory_layers
+from memllm.core.lora import LoraSettings
+from memllm.core.segments import forward_segments, positions_from_mask, segment_bounds
 from memllm.memory import memory_config_from_dict
 from memllm.memory.neural import NeuralMemory, NeuralMemoryConfig, neural_diagnostics
 from memllm.memory.neural_update import (
@@ -23,7 +24,6 @@ from memllm.memory.neural_update import (
     read,
     reference_update,
 )
-from memllm.segments import forward_segments, positions_from_mask, segment_bounds
 
 SMALL_NEURAL = {"type": "neural", "memory_dim": 16, "chunk_size": 4, "max_adaptive_lr": 0.1}
 ARCHS = ["context", "layer", "gate"]
@@ -461,7 +461,7 @@ def test_diagnostics(tiny):
     ],
 )
 def test_presets_load(name, layers, expected):
-    from memllm.inject import resolve_layer_ids
+    from memllm.core.inject import resolve_layer_ids
 
     data = load_yaml(CONFIGS / f"{name}.yaml")
     memory = memory_config_from_dict(data["memory"], prefix="memory.")

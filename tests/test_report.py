@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from memllm.errors import DataError
-from memllm.report import (
+from memllm.evaluation.report import (
     add_comparisons,
     build_arm_result,
     experiment_info,
@@ -19,7 +19,7 @@ from memllm.report import (
     parse_length,
     write_results,
 )
-from memllm.report_plots import log_series, read_train_log
+from memllm.evaluation.report_plots import log_series, read_train_log
 
 FAST = {"n_resamples": 200}
 TASKS, LENGTHS, PER_GROUP = ("qa1", "qa2"), ("1k", "2k"), 12
@@ -293,8 +293,8 @@ def test_log_series_follows_the_training_logger_format():
 
 
 def test_breakdown_summarises_and_pairs_each_subset(results, tmp_path):
-    from memllm.report import add_breakdown, write_results
-    from memllm.stats import paired_test
+    from memllm.evaluation.report import add_breakdown, write_results
+    from memllm.evaluation.stats import paired_test
 
     latent = results["arms"]["latent"]
     ids = latent["example_ids"]

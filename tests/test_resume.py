@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from memllm.run_config import load_run_config
-from memllm.train import Trainer, complete_checkpoints, train
+from memllm.training.run_config import load_run_config
+from memllm.training.trainer import Trainer, complete_checkpoints, train
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -82,7 +82,7 @@ def test_resume_after_a_crash_is_exact(tmp_path, monkeypatch):
 
 DRIVER = """
 import sys, time
-import memllm.train as loop
+import memllm.training.trainer as loop
 real = loop.Trainer.train_step
 def slow(self, batches):  # slow the run down so that the kill lands mid-training
     time.sleep(0.4)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 
 from memllm.cli import main
-from memllm.config import from_dict
+from memllm.core.config import from_dict
 from memllm.errors import ConfigError
-from memllm.run_config import (
+from memllm.training.run_config import (
     RunConfig,
     check_against_model,
     dump_yaml,
@@ -122,7 +122,7 @@ def test_config_show_reports_errors_in_one_line(tmp_path, capsys):
 def test_render_with_help_is_valid_yaml():
     import yaml
 
-    from memllm.config import to_dict
+    from memllm.core.config import to_dict
 
     cfg = load_run_config(ROOT / "configs/smollm2_latent_babilong.yaml")
     assert yaml.safe_load(render_with_help(cfg)) == to_dict(cfg)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from memllm.stats import (
+from memllm.evaluation.stats import (
     bootstrap_ci,
     holm_adjust,
     mcnemar_exact,

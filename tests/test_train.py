@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 import memllm
 from memllm.data.base import Example
 from memllm.errors import ConfigError, MemllmError
-from memllm.run_config import RunConfig, load_run_config
-from memllm.train import (
+from memllm.training.run_config import RunConfig, load_run_config
+from memllm.training.trainer import (
     TrainingDiverged,
     complete_checkpoints,
     encode_examples,
@@ -80,7 +80,7 @@ def toy_config(tmp_path: Path, **sections) -> RunConfig:
             data[key] = {**data[key], **value}
         else:
             data[key] = value
-    from memllm.config import from_dict
+    from memllm.core.config import from_dict
 
     return from_dict(RunConfig, data)
 
@@ -235,7 +235,7 @@ def test_lora_only_baseline_trains_and_saves_its_adapter(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import memllm.train as loop
+    import memllm.training.trainer as loop
 
     calls = {"n": 0}
     real = loop.forward_segments
@@ -268,7 +268,7 @@ def test_early_stopping(tmp_path):
 
 
 def test_max_minutes_stops_training_and_still_saves_a_validated_final(tmp_path, monkeypatch):
-    import memllm.train as loop
+    import memllm.training.trainer as loop
 
     clock = {"now": 1000.0}
 
@@ -336,8 +336,8 @@ def test_debug_config_end_to_end_through_the_cli(tmp_path, capsys):
 
 
 def test_wandb_is_optional_and_named_when_missing(tmp_path, monkeypatch):
-    from memllm.logging_utils import RunLogger
-    from memllm.run_config import LogSettings, WandbSettings
+    from memllm.training.logging_utils import RunLogger
+    from memllm.training.run_config import LogSettings, WandbSettings
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     settings = LogSettings(tensorboard=False, wandb=WandbSettings(project="p"))

@@ -27,12 +27,13 @@ The rest of memllm sees every benchmark through one small interface::
   key or a bad value is a :class:`~memllm.errors.ConfigError` naming it (and ``source_file``).
 * :data:`TASKS` — the registry: name → :class:`TaskSpec`.
 
-Around the tasks: :mod:`memllm.metrics` (the official scorers, usable on any system's files),
+Around the tasks: :mod:`memllm.evaluation.metrics` (the official scorers, usable on any
+system's files),
 :mod:`memllm.data.supporting_facts` (``SupportingFactHead``, sentence token spans, turning scores
 into ``[[title, sent_id], ...]``, the official prediction file), :mod:`memllm.data.distractors`
 (offline books: ``memllm data fetch``), :mod:`memllm.data.babi` (the bAbI files),
 :mod:`memllm.data.facts` (real facts for the offline HotpotQA/ZsRE builders) and
-:mod:`memllm.data.commands` (``memllm score …``, ``memllm data …``). ``docs/data.md`` has the
+:mod:`memllm.cli.data` (``memllm score …``, ``memllm data …``). ``docs/data.md`` has the
 formats, metric definitions and commands.
 
 Validation examples always come from training data, held out from the train examples, never
@@ -46,7 +47,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from memllm.config import from_dict
+from memllm.core.config import from_dict
 from memllm.data.base import SPLITS, Example, Task
 from memllm.errors import ConfigError, DataError
 

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from memllm.backbone import cache_dir
+from memllm.core.backbone import cache_dir
 from memllm.errors import DataError
 
 ARCHIVE_NAME = "tasks_1-20_v1-2.tar.gz"

@@ -32,7 +32,8 @@ Prompts: ``official`` is the benchmark's formatted input (instruction, examples,
 each switchable, see :mod:`memllm.data.babilong_prompts`) and ``plain`` is
 ``{context}\\n\\nQuestion: {question}``; both are followed by ``answer_prefix`` (default
 ``"\\nAnswer:"``, so the target is ``" " + answer``; set it to ``""`` for the benchmark's exact
-input). Scoring is the benchmark's ``compare_answers`` (:mod:`memllm.metrics`). Validation always
+input). Scoring is the benchmark's ``compare_answers`` (:mod:`memllm.evaluation.metrics`).
+Validation always
 comes from train files, held out from the train samples.
 """
 
@@ -44,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from memllm.config import check
+from memllm.core.config import check
 from memllm.data.babi import BabiSample, load_babi
 from memllm.data.babilong_prompts import format_official
 from memllm.data.base import (
@@ -58,7 +59,7 @@ from memllm.data.base import (
 )
 from memllm.data.distractors import Document, load_documents, split_sentences
 from memllm.errors import DataError
-from memllm.metrics import babilong_compare_answers, babilong_labels
+from memllm.evaluation.metrics import babilong_compare_answers, babilong_labels
 
 log = logging.getLogger(__name__)
 

@@ -127,7 +127,7 @@ _TOKENIZERS: dict[str, Any] = {}
 
 def _tokenizer(name: str):
     if name not in _TOKENIZERS:
-        from memllm.backbone import load_tokenizer
+        from memllm.core.backbone import load_tokenizer
 
         _TOKENIZERS[name] = load_tokenizer(name)
     return _TOKENIZERS[name]

@@ -25,7 +25,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from memllm.config import check
+from memllm.core.config import check
 from memllm.data.base import Example, check_split, stable_seed
 from memllm.data.distractors import BOOK_SOURCES, Document, load_documents
 from memllm.errors import DataError

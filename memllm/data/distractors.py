@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from memllm.backbone import cache_dir
+from memllm.core.backbone import cache_dir
 from memllm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Document:
 
 
 def data_dir() -> Path:
-    """Where fetched and built data live: ``memllm.backbone.cache_dir() / "data"``."""
+    """Where fetched and built data live: ``memllm.core.backbone.cache_dir() / "data"``."""
     return cache_dir() / "data"
 
 

@@ -27,7 +27,7 @@ one line per sentence, ``[k] sentence`` (k = sent_id), then ``Question: …`` an
 ``answer_prefix`` (default ``"\\nAnswer:"``). ``meta["sentences"]`` holds ``[title, sent_id,
 char_start, char_end]`` of each marked line in the prompt, for the supporting-fact head
 (:mod:`memllm.data.supporting_facts`). Scoring is ``hotpot_evaluate_v1.py``
-(:func:`memllm.metrics.hotpot_evaluate`) on the first line of each output.
+(:func:`memllm.evaluation.metrics.hotpot_evaluate`) on the first line of each output.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from memllm.config import check
+from memllm.core.config import check
 from memllm.data.base import (
     Example,
     answer_target,
@@ -47,7 +47,7 @@ from memllm.data.base import (
     rng_for,
 )
 from memllm.errors import DataError
-from memllm.metrics import (
+from memllm.evaluation.metrics import (
     first_line,
     hotpot_answer_scores,
     hotpot_joint_scores,

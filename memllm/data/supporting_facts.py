@@ -68,7 +68,7 @@ class SupportingFactHead(nn.Module):
     """Scores each sentence of a prompt from the hidden states over its token span.
 
     Args:
-        hidden_size: the model's hidden size (``memllm.backbone.hidden_size(model)``).
+        hidden_size: the model's hidden size (``memllm.core.backbone.hidden_size(model)``).
         pooling: ``mean`` over the span, ``last`` token of the span, or ``mean_last`` (both,
             concatenated).
         inner: width of the MLP's hidden layer (default ``hidden_size // 2``, at least 16).

@@ -23,7 +23,7 @@ a folder, ``train_file`` / ``test_file``
 The prompt is ``template.format(question=…)`` (default ``"{question}"``, the raw question as
 ROME/MEMIT feed it); the target is ``" " + answer`` where ``answer`` is ``answers[0]``
 (``answer_field: alt`` switches to the edit target). Metrics and their definitions:
-:data:`memllm.metrics.ZSRE_DEFINITIONS`; :func:`teacher_forced_metrics` computes the
+:data:`memllm.evaluation.metrics.ZSRE_DEFINITIONS`; :func:`teacher_forced_metrics` computes the
 teacher-forced ones with a model, :meth:`ZsRETask.score` the generation exact match.
 """
 
@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from memllm.config import check
+from memllm.core.config import check
 from memllm.data.base import (
     Example,
     answer_target,
@@ -44,7 +44,7 @@ from memllm.data.base import (
     rng_for,
 )
 from memllm.errors import DataError
-from memllm.metrics import ZSRE_DEFINITIONS, teacher_forced_argmax, zsre_exact_match
+from memllm.evaluation.metrics import ZSRE_DEFINITIONS, teacher_forced_argmax, zsre_exact_match
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +402,7 @@ def teacher_forced_metrics(
     add_special_tokens: bool = True,
     reference_model=None,
 ) -> dict[str, list[float]]:
-    """Per-example teacher-forced metrics (see :data:`memllm.metrics.ZSRE_DEFINITIONS`).
+    """Per-example teacher-forced metrics (see :data:`memllm.evaluation.metrics.ZSRE_DEFINITIONS`).
 
     ``token_acc`` / ``seq_acc`` on the question and ``meta["answer"]``; with paraphrases,
     ``rephrase_token_acc`` / ``rephrase_seq_acc`` (averaged over an example's paraphrases);
@@ -413,11 +413,12 @@ def teacher_forced_metrics(
     The defaults are ROME's construction (the raw prompt with the tokenizer's special tokens,
     the whole prompt in view). An experiment passes how its arm reads inputs instead:
     ``segment_length`` (memory written segment by segment, or only the last window without
-    memory; see :func:`memllm.metrics.teacher_forced_argmax`), ``chat`` (the chat template of
-    :func:`memllm.prompting.format_example`) and ``add_special_tokens=False`` (as in training
+    memory; see :func:`memllm.evaluation.metrics.teacher_forced_argmax`), ``chat`` (the chat
+    template of
+    :func:`memllm.data.prompting.format_example`) and ``add_special_tokens=False`` (as in training
     and generation). All questions of all examples are batched together, longest first.
     """
-    from memllm.prompting import format_example
+    from memllm.data.prompting import format_example
 
     nan = float("nan")
     queries: list[tuple[int, str, str, str]] = []  # (example, kind, prompt, answer)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memllm.config import ConfigError, from_dict
+from memllm.core.config import ConfigError, from_dict
 from memllm.memory.latent import LatentMemory, LatentMemoryConfig
 
 MEMORY_TYPES: dict[str, tuple[type, type]] = {

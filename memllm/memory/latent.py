@@ -30,7 +30,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from memllm.config import check
+from memllm.core.config import check
 
 
 @dataclass

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from memllm.config import check
+from memllm.core.config import check
 from memllm.memory.neural_update import State, chunked_update, pack, read
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from memllm.config import check, from_dict, to_dict
+from memllm.core.config import check, from_dict, to_dict
 from memllm.errors import CheckpointError, ConfigError
 
 ADAPTER = "default"
@@ -57,7 +57,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.
     only trainable parameters."""
     from peft import LoraConfig, inject_adapter_in_model
 
-    from memllm.inject import _find_controller, memory_parameters
+    from memllm.core.inject import has_memory, memory_parameters
 
     settings = _settings(settings)
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
@@ -74,7 +74,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.
     )
     # PEFT freezes every parameter that is not LoRA's, which would also freeze a memory injected
     # before the adapter: the memory's parameters (found by structure) keep their trainability.
-    has_memory = _find_controller(model) is not None
+    has_memory = has_memory(model)
     memory = [p for p in memory_parameters(model) if p.requires_grad] if has_memory else []
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for p in memory:
@@ -106,7 +106,7 @@ def lora_config_dict(model: nn.Module) -> dict[str, Any]:
 
 
 def _wrapper_pattern(model: nn.Module) -> re.Pattern:
-    from memllm.inject import MemoryLayer
+    from memllm.core.inject import MemoryLayer
 
     prefixes = [re.escape(n) for n, m in model.named_modules() if isinstance(m, MemoryLayer)]
     if not prefixes:

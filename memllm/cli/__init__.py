@@ -13,10 +13,10 @@ import sys
 
 # Modules that add subcommands; each has register(subparsers).
 COMMAND_MODULES = [
-    "memllm.commands",
-    "memllm.data.commands",
-    "memllm.train",
-    "memllm.experiment",
+    "memllm.cli.model",
+    "memllm.cli.data",
+    "memllm.cli.train",
+    "memllm.cli.experiment",
 ]
 
 

@@ -2,7 +2,7 @@
 
 Matplotlib's object API with the Agg canvas: no pyplot, no global backend change. Each plot is
 drawn only when its data is present; :func:`draw_plots` is called by
-:func:`memllm.report.write_results`.
+:func:`memllm.evaluation.report.write_results`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from memllm.errors import DataError
-from memllm.report import (
+from memllm.evaluation.report import (
     _metric_header,
     _missing,
     _natural_key,
@@ -30,7 +30,7 @@ from memllm.report import (
     primary_metric,
 )
 
-logger = logging.getLogger("memllm.report")
+logger = logging.getLogger("memllm.evaluation.report")
 
 _LOG_AXIS_KEYS = (
     "step",

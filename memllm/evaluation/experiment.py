@@ -1,7 +1,8 @@
 """Run an experiment: every arm on the same examples, then the report.
 
 The config (arm kinds, training data, references) is described in
-:mod:`memllm.experiment_config`; results, intervals and paired tests in :mod:`memllm.report`.
+:mod:`memllm.evaluation.experiment_config`; results, intervals and paired tests in
+:mod:`memllm.evaluation.report`.
 """
 
 from __future__ import annotations
@@ -13,15 +14,15 @@ from typing import Any
 
 import torch
 
-from memllm.config import to_dict
+from memllm.core.config import to_dict
 from memllm.errors import ConfigError
-from memllm.experiment_config import (
+from memllm.evaluation.experiment_config import (
     ArmSettings,
     ExperimentConfig,
     arm_run_config,
     load_experiment_config,
 )
-from memllm.run_config import with_file
+from memllm.training.run_config import with_file
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +64,8 @@ def predict(
 ) -> list[str]:
     """Generate an answer for each example (batched, longest first to waste little padding);
     ``context_tokens``: read only the last that many tokens of each prompt."""
-    from memllm.generation import generate
-    from memllm.prompting import format_example
+    from memllm.core.generation import generate
+    from memllm.data.prompting import format_example
 
     prompts = [format_example(tokenizer, ex.prompt, ex.target, chat)[0] for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
@@ -153,7 +154,7 @@ class Experiment:
         return results
 
     def _write_report(self, arm_results: list[dict[str, Any]]) -> dict[str, Any]:
-        from memllm import report
+        from memllm.evaluation import report
 
         info = report.experiment_info(
             self.cfg.name, to_dict(self.cfg), self.cfg.seed, notes=self.notes
@@ -183,7 +184,7 @@ class Experiment:
         so that running arms one session at a time builds up one report instead of overwriting
         it. An arm is kept only if the experiment's settings (all but arms, name, compare_with)
         and that arm's own settings are unchanged; others are dropped with a warning."""
-        from memllm import report
+        from memllm.evaluation import report
 
         path = self.out / "results.json"
         others = [n for n in self.cfg.arms if n not in self.arm_names]
@@ -222,9 +223,9 @@ class Experiment:
             return {}
         if not all(ex.meta.get("facts") for ex in self.examples):
             return {}
-        from memllm.backbone import load_tokenizer
+        from memllm.core.backbone import load_tokenizer
         from memllm.data.babilong import supporting_facts_in_window
-        from memllm.prompting import format_example
+        from memllm.data.prompting import format_example
 
         m = self.cfg.model
         tokenizer = (
@@ -242,8 +243,8 @@ class Experiment:
 
     def run_arm(self, name: str, arm: ArmSettings) -> dict[str, Any]:
         import memllm
-        from memllm import report
-        from memllm.backbone import context_length
+        from memllm.core.backbone import context_length
+        from memllm.evaluation import report
 
         start = time.perf_counter()
         train_time, train_log, params = None, None, 0
@@ -261,7 +262,7 @@ class Experiment:
         elif arm.untrained:
             model, tokenizer = self._untrained_memory(name, arm)
         else:
-            from memllm.train import train
+            from memllm.training.trainer import train
 
             cfg = self.run_configs[name]
             result = train(cfg, source=self.source, task=self.train_task)
@@ -324,11 +325,11 @@ class Experiment:
         """
         if getattr(self.task, "name", None) != "hotpotqa":
             return {}
-        from memllm import sp_head as sp
-        from memllm.backbone import hidden_size
+        from memllm.core.backbone import hidden_size
+        from memllm.core.inject import has_memory
         from memllm.data.supporting_facts import write_hotpot_predictions
-        from memllm.inject import _find_controller
-        from memllm.metrics import first_line
+        from memllm.evaluation.metrics import first_line
+        from memllm.training import sp_head as sp
 
         start = time.perf_counter()
         size, chat = hidden_size(model), self.cfg.model.chat_template
@@ -352,7 +353,7 @@ class Experiment:
                 "examples (no SP training of the model itself)"
                 + (
                     ""
-                    if _find_controller(model)
+                    if has_memory(model)
                     else f"; it reads the last {segment} tokens of each input, sentences "
                     "before them get no score"
                 )
@@ -377,8 +378,8 @@ class Experiment:
         error, raised before the arm spends time generating."""
         if getattr(self.task, "name", None) != "hotpotqa":
             return None
-        from memllm import sp_head as sp
-        from memllm.backbone import hidden_size
+        from memllm.core.backbone import hidden_size
+        from memllm.training import sp_head as sp
 
         weight = {**self.cfg.train, **arm.train}.get("supporting_facts_weight", 0)
         if weight > 0 or (Path(arm.checkpoint) / sp.SP_HEAD_FILE).is_file():
@@ -432,7 +433,7 @@ class Experiment:
 
     @staticmethod
     def _describe(name: str, arm: ArmSettings) -> str:
-        from memllm.report import ARM_DESCRIPTIONS as D
+        from memllm.evaluation.report import ARM_DESCRIPTIONS as D
 
         if arm.kind != "memory" or not isinstance(arm.memory, dict):
             return D.get(name) or D.get(arm.kind, arm.kind)
@@ -469,7 +470,9 @@ class Experiment:
 
         model, tokenizer = self._fresh_backbone()
         memory = memllm.memory_config_from_dict(arm.memory, prefix=f"arms.{name}.memory.")
-        set_seed(self.cfg.seed)  # the initial weights a trained arm starts from (memllm.train)
+        set_seed(
+            self.cfg.seed
+        )  # the initial weights a trained arm starts from (memllm.training.trainer)
         try:  # inject_memory validates (layer ids) before touching the model
             memllm.inject_memory(model, memory)
         except ConfigError as err:
@@ -484,7 +487,7 @@ class Experiment:
         return model, tokenizer
 
     def _note_truncation(self, tokenizer, window: int) -> None:
-        from memllm.prompting import format_example
+        from memllm.data.prompting import format_example
 
         chat = self.cfg.model.chat_template
         longest = max(
@@ -526,53 +529,5 @@ def run_experiment(path: str | Path, overrides: list[str] | None = None, arms=No
     return experiment, experiment.run()
 
 
-def cmd_experiment(args) -> int:
-    from memllm.report import format_table
-
-    arms = args.arms.split(",") if args.arms else None
-    experiment, results = run_experiment(args.config, args.overrides, arms)
-    print(format_table(results))
-    print(f"report: {experiment.paths['markdown']}")
-    return 0
-
-
 def quickstart_config() -> Path:
-    return Path(__file__).parent / "presets" / "quickstart.yaml"
-
-
-def cmd_quickstart(args) -> int:
-    from memllm.report import format_table
-
-    overrides = list(args.overrides)
-    if args.output:
-        overrides.append(f"output_dir={args.output}")
-    arms = args.arms.split(",") if args.arms else None
-    experiment, results = run_experiment(quickstart_config(), overrides, arms)
-    print(format_table(results))
-    print(f"report: {experiment.paths['markdown']}")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser("experiment", help="run memory and baseline arms, write a report")
-    p.add_argument("--config", required=True, help="experiment config YAML")
-    p.add_argument(
-        "--arms",
-        help="comma-separated subset of the config's arms; the other arms' results already in "
-        "the output folder stay in the report when their settings are unchanged",
-    )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.set_defaults(func=cmd_experiment)
-
-    q = sub.add_parser(
-        "quickstart",
-        help="the bundled model + BabiLong built offline: latent memory vs baselines (~15 min CPU)",
-    )
-    q.add_argument("--output", help="output folder (default runs/quickstart)")
-    q.add_argument(
-        "--arms",
-        help="comma-separated subset of the arms (base, window, latent); the others' results "
-        "already in the output folder stay in the report when their settings are unchanged",
-    )
-    q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    q.set_defaults(func=cmd_quickstart)
+    return Path(__file__).parent.parent / "presets" / "quickstart.yaml"

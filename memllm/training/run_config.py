@@ -10,7 +10,7 @@ A run config is one YAML file::
     output_dir: runs/x
     seed: 0
 
-Loading goes through :func:`memllm.config.from_dict`, so an unknown key, a wrong type or an
+Loading goes through :func:`memllm.core.config.from_dict`, so an unknown key, a wrong type or an
 impossible value is one :class:`ConfigError` line that names the key — and here also the file.
 Checks that need the model (a layer index past its depth, a segment longer than its context)
 run in :func:`check_against_model` once the model is loaded.
@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
-from memllm.config import (
+from memllm.core.config import (
     apply_overrides,
     check,
     field_help,
@@ -294,7 +294,7 @@ class RunConfig:
     seed: int = field(default=0, metadata={"help": "seeds weights init, data order and dropout"})
 
     def __post_init__(self) -> None:
-        from memllm.lora import LoraSettings
+        from memllm.core.lora import LoraSettings
         from memllm.memory import memory_config_from_dict
 
         if isinstance(self.memory, dict):
@@ -400,8 +400,8 @@ def resume_conflicts(saved: dict[str, Any], cfg: RunConfig) -> list[str]:
 
 def check_against_model(cfg: RunConfig, model, source: str | Path | None = None) -> None:
     """Checks that need the loaded model: memory layer indices and the segment length."""
-    from memllm.backbone import context_length, decoder_stack
-    from memllm.inject import resolve_layer_ids
+    from memllm.core.backbone import context_length, decoder_stack
+    from memllm.core.inject import resolve_layer_ids
 
     _, layers = decoder_stack(model)
     try:

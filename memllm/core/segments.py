@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from memllm.inject import MemorySession, memory_session
+from memllm.core.inject import memory_session
+from memllm.core.session import MemorySession
 
 
 def segment_bounds(length: int, segment_length: int) -> list[tuple[int, int]]:

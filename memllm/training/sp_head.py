@@ -5,7 +5,7 @@ selection of predicted facts. This module connects it to models:
 
 * :func:`capture_final_hidden` — the final hidden state of every position, per forward call
   (a hook on the backbone's final norm, so it works for one plain forward, for the segments of
-  :func:`memllm.segments.forward_segments` and for the feature cache alike; concatenated over
+  :func:`memllm.core.segments.forward_segments` and for the feature cache alike; concatenated over
   the segments it covers the whole input);
 * :func:`visible_sentences` / :func:`attach_sentence_spans` — token spans of the sentences a
   model sees *whole* in the kept tail of a prompt (a sentence cut by the window gets no score);
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from memllm.core.backbone import final_norm
 from memllm.data.supporting_facts import (
     Span,
     SupportingFactHead,
@@ -34,7 +35,7 @@ from memllm.data.supporting_facts import (
     sentence_token_spans,
     shift_spans,
 )
-from memllm.errors import CheckpointError, ConfigError, DataError
+from memllm.errors import CheckpointError, DataError
 
 SP_HEAD_FILE = "sp_head.safetensors"
 POOLING = "mean"
@@ -53,22 +54,6 @@ PROBE_BATCH = 64
 
 
 # -- hidden states ---------------------------------------------------------------------------
-
-
-def final_norm(model: nn.Module) -> nn.Module:
-    """The backbone's final norm (its output is what the LM head reads, at every position)."""
-    from memllm.backbone import decoder_stack
-    from memllm.feature_cache import FINAL_NORMS
-
-    model_type = getattr(model.config, "model_type", None)
-    owner, _ = decoder_stack(model)
-    norm = getattr(owner, FINAL_NORMS.get(model_type, ""), None)
-    if not isinstance(norm, nn.Module):
-        raise ConfigError(
-            f"train.supporting_facts_weight: the final norm of model_type {model_type!r} is "
-            "unknown (add it to memllm.feature_cache.FINAL_NORMS)"
-        )
-    return norm
 
 
 @contextlib.contextmanager
@@ -96,7 +81,7 @@ def capture_final_hidden(model: nn.Module) -> Iterator[list[Tensor]]:
 
 def _prompt_text(tokenizer, example, chat: bool) -> tuple[str, int]:
     """The text the model reads for ``example`` and where the task's prompt starts in it."""
-    from memllm.prompting import format_example
+    from memllm.data.prompting import format_example
 
     text = format_example(tokenizer, example.prompt, example.target, chat)[0]
     offset = text.find(example.prompt) if chat else 0
@@ -232,16 +217,16 @@ def sentence_features(
     without sees only the last ``segment_length`` tokens (as it answers), so sentences before
     them get no feature at all.
     """
-    from memllm.inject import _find_controller
-    from memllm.prompting import format_example
-    from memllm.segments import (
+    from memllm.core.inject import has_memory
+    from memllm.core.segments import (
         forward_segments,
         left_pad,
         logits_to_keep_kwargs,
         positions_from_mask,
     )
+    from memllm.data.prompting import format_example
 
-    has_memory = _find_controller(model) is not None
+    has_memory = has_memory(model)
     kept = None if has_memory else segment_length
     device = next(model.parameters()).device
     rows = []

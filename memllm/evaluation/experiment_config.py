@@ -23,7 +23,7 @@ options. The trained arms train and validate on it; every arm is evaluated on ``
 
 Every arm is scored on the same test examples with the task's official metric; results carry
 95 % intervals and paired tests against ``base`` and ``window``, or the arms ``compare_with``
-lists (see :mod:`memllm.report`).
+lists (see :mod:`memllm.evaluation.report`).
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from memllm.config import check, from_dict, load_yaml, to_dict
+from memllm.core.config import check, from_dict, load_yaml, to_dict
 from memllm.errors import ConfigError
-from memllm.run_config import ModelSettings, RunConfig, with_file
+from memllm.training.run_config import ModelSettings, RunConfig, with_file
 
 ArmKind = Literal["base", "window", "finetuned", "memory"]
 
@@ -208,7 +208,7 @@ class ExperimentConfig:
 
 
 def load_experiment_config(path: str | Path, overrides: list[str] | None = None):
-    from memllm.config import apply_overrides
+    from memllm.core.config import apply_overrides
 
     data = load_yaml(path)
     try:

@@ -1,7 +1,8 @@
 """Load a frozen causal LM (hub id, local folder, GGUF file, bundled alias, tiny random model).
 
-The one per-architecture fact memllm needs — where the decoder layers live — is the table
-:data:`DECODER_STACKS`, keyed by ``config.model_type``. Every size comes from ``model.config``.
+The per-architecture facts memllm needs — where the decoder layers and the final norm live — are
+the table :data:`DECODER_STACKS`, keyed by ``config.model_type``. Every size comes from
+``model.config``.
 """
 
 from __future__ import annotations
@@ -20,19 +21,32 @@ from memllm.errors import BackboneError
 
 log = logging.getLogger(__name__)
 
-# model_type -> attribute path of the module that owns the decoder layers, and the layer list.
-DECODER_STACKS: dict[str, tuple[str, str]] = {
-    "llama": ("model", "layers"),
-    "mistral": ("model", "layers"),
-    "qwen2": ("model", "layers"),
-    "qwen3": ("model", "layers"),
-    "gemma3_text": ("model", "layers"),
-    "gemma2": ("model", "layers"),
-    "gemma": ("model", "layers"),
-    "phi3": ("model", "layers"),
-    "olmo2": ("model", "layers"),
-    "gpt2": ("transformer", "h"),
-    "gpt_neox": ("gpt_neox", "layers"),
+
+@dataclass(frozen=True)
+class DecoderStack:
+    """Where a model's decoder layers live: ``getattr(model, owner)`` owns the layer list
+    ``getattr(owner, layers)`` and the final norm ``getattr(owner, final_norm)``."""
+
+    owner: str
+    layers: str
+    final_norm: str
+
+
+_LLAMA_LIKE = DecoderStack("model", "layers", "norm")
+
+# The per-architecture facts memllm needs, keyed by ``config.model_type``; the only such table.
+DECODER_STACKS: dict[str, DecoderStack] = {
+    "llama": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "qwen3": _LLAMA_LIKE,
+    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE,
+    "phi3": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "gpt2": DecoderStack("transformer", "h", "ln_f"),
+    "gpt_neox": DecoderStack("gpt_neox", "layers", "final_layer_norm"),
 }
 
 
@@ -72,24 +86,41 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def decoder_stack(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
-    """The module that owns the decoder layers, and the layer list itself."""
+def stack_spec(model: nn.Module) -> DecoderStack:
+    """The :class:`DecoderStack` entry of ``model``'s architecture, or a one-line error."""
     model_type = getattr(model.config, "model_type", None)
     if model_type not in DECODER_STACKS:
         known = ", ".join(sorted(DECODER_STACKS))
         raise BackboneError(
             f"model_type {model_type!r} is not supported yet (supported: {known}); "
-            "add its decoder-layer path to memllm.backbone.DECODER_STACKS"
+            "add its decoder-layer path to memllm.core.backbone.DECODER_STACKS"
         )
-    owner_attr, layers_attr = DECODER_STACKS[model_type]
+    return DECODER_STACKS[model_type]
+
+
+def decoder_stack(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The module that owns the decoder layers, and the layer list itself."""
+    spec = stack_spec(model)
+    owner_attr, layers_attr = spec.owner, spec.layers
     owner = getattr(model, owner_attr, None)
     layers = getattr(owner, layers_attr, None) if owner is not None else None
     if not isinstance(layers, nn.ModuleList):
         raise BackboneError(
             f"{type(model).__name__}: expected decoder layers at "
-            f"{owner_attr}.{layers_attr} for model_type {model_type!r}"
+            f"{owner_attr}.{layers_attr} for model_type {model.config.model_type!r}"
         )
     return owner, layers
+
+
+def final_norm(model: nn.Module) -> nn.Module:
+    """The norm applied after the last decoder layer (before the LM head)."""
+    owner, _ = decoder_stack(model)
+    norm = getattr(owner, stack_spec(model).final_norm, None)
+    if norm is None:
+        raise BackboneError(
+            f"{type(model).__name__}: no final norm at {stack_spec(model).final_norm!r}"
+        )
+    return norm
 
 
 def text_config(model: nn.Module):
@@ -221,7 +252,7 @@ def load_backbone(
     name = str(name_or_path)
     try:
         if name.startswith("tiny-"):
-            from memllm.tiny import build_tiny_model
+            from memllm.core.tiny import build_tiny_model
 
             model, tokenizer = build_tiny_model(name.removeprefix("tiny-"))
             model.to(dtype)
@@ -278,7 +309,7 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, *, gguf_file: str | None =
     name = str(name_or_path)
     try:
         if name.startswith("tiny-"):
-            from memllm.tiny import byte_tokenizer
+            from memllm.core.tiny import byte_tokenizer
 
             tokenizer = byte_tokenizer()
         elif name in BUNDLED or name.endswith(".gguf") or gguf_file is not None:

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from memllm.backbone import context_length
-from memllm.inject import _find_controller, memory_layers, memory_session
-from memllm.segments import logits_to_keep_kwargs, positions_from_mask, segment_bounds
+from memllm.core.backbone import context_length
+from memllm.core.inject import has_memory, memory_layers, memory_session
+from memllm.core.segments import logits_to_keep_kwargs, positions_from_mask, segment_bounds
 
 
 def default_segment_length(model: nn.Module, max_new_tokens: int) -> int:
@@ -63,7 +63,7 @@ def generate_ids(
         )
         return out[:, last_ids.shape[1] :]
 
-    if _find_controller(model) is None:
+    if not has_memory(model):
         return decode()
     beams = generate_kwargs.get("num_beams") or model.generation_config.num_beams or 1
     learning = [layer.memory.learns_within_call for layer in memory_layers(model).values()]

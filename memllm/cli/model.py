@@ -6,13 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from memllm.backbone import DEFAULT_MODEL
+from memllm.core.backbone import DEFAULT_MODEL
 from memllm.errors import ConfigError, MemllmError
 
 
 def memory_config_from_file(path: str | Path):
     """A memory config from YAML: a bare memory mapping, or a run config's ``memory:`` section."""
-    from memllm.config import load_yaml
+    from memllm.core.config import load_yaml
     from memllm.memory import memory_config_from_dict
 
     data = load_yaml(path)
@@ -51,8 +51,8 @@ def load_model_with_memory(args):
 
 def cmd_info(args) -> int:
     import memllm
-    from memllm.backbone import context_length, decoder_stack, hidden_size, text_config
-    from memllm.inject import memory_layers
+    from memllm.core.backbone import context_length, decoder_stack, hidden_size, text_config
+    from memllm.core.inject import memory_layers
 
     model, _ = load_model_with_memory(args)
     _, layers = decoder_stack(model)

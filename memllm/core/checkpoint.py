@@ -23,9 +23,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from memllm.backbone import backbone_name, decoder_stack, hidden_size
+from memllm.core.backbone import backbone_name, decoder_stack, hidden_size
+from memllm.core.inject import inject_memory, memory_config_dict, memory_modules
 from memllm.errors import CheckpointError, ConfigError
-from memllm.inject import inject_memory, memory_config_dict, memory_modules
 from memllm.memory import memory_config_from_dict
 
 CONFIG_FILE = "memory_config.json"
@@ -68,7 +68,7 @@ def _atomic_dir(target: Path):
 
 def save_memory(model: nn.Module, directory: str | os.PathLike, extra: dict | None = None) -> Path:
     """Write the memory (and LoRA adapter, if any) of ``model`` to ``directory``, atomically."""
-    from memllm.lora import adapter_state_dict, lora_config_dict
+    from memllm.core.lora import adapter_state_dict, lora_config_dict
 
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -107,8 +107,8 @@ def load_memory(model: nn.Module, directory: str | os.PathLike, *, check_name: b
     If the model already carries a memory, its config must equal the saved one; otherwise the
     memory is injected first. Returns the model.
     """
-    from memllm.inject import _find_controller
-    from memllm.lora import apply_lora, load_adapter_state
+    from memllm.core.inject import has_memory
+    from memllm.core.lora import apply_lora, load_adapter_state
 
     directory = Path(directory)
     meta = read_memory_config(directory)
@@ -132,8 +132,7 @@ def load_memory(model: nn.Module, directory: str | os.PathLike, *, check_name: b
     if not weights_path.is_file():
         raise CheckpointError(f"{directory}: {WEIGHTS_FILE} is missing")
     weights = load_file(weights_path)
-    controller = _find_controller(model)
-    if controller is None:
+    if not has_memory(model):
         inject_memory(model, config)
     elif memory_config_dict(model) != meta.get("memory"):
         raise CheckpointError(f"{directory}: the model's memory config differs from the saved one")

@@ -382,7 +382,7 @@ def teacher_forced_argmax(
 ) -> list[tuple[list[int], list[int]]]:
     """For each record, the gold target token ids and the model's argmax at those positions.
 
-    The model reads each prompt as :func:`memllm.generation.generate_ids` does before decoding:
+    The model reads each prompt as :func:`memllm.core.generation.generate_ids` does before decoding:
     the prompt is cut into ``segment_length``-token segments aligned to its end; a model with
     memory writes all but the last segment into a fresh memory session (one per batch of
     independent records, so nothing leaks between batches), then reads the last segment followed
@@ -399,8 +399,8 @@ def teacher_forced_argmax(
     """
     import torch
 
-    from memllm.inject import _find_controller, memory_session
-    from memllm.segments import (
+    from memllm.core.inject import has_memory, memory_session
+    from memllm.core.segments import (
         forward_segments,
         logits_to_keep_kwargs,
         positions_from_mask,
@@ -413,7 +413,7 @@ def teacher_forced_argmax(
     if pad_id is None:
         pad_id = tokenizer.eos_token_id or 0
     device = next(model.parameters()).device
-    has_memory = _find_controller(model) is not None
+    has_memory = has_memory(model)
     encoded = []
     for p, t in zip(prompts, targets, strict=True):
         p_ids = list(tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"])

@@ -5,7 +5,7 @@ a memory type that only sees the layer's *output*, the output of the wrapped lay
 trainable weight. The first time an example is trained on, its per-token output of that layer is
 recorded; afterwards a batch of cached examples runs, segment by segment, only the memory and —
 for segments with labels — the layers above L, the final norm and the LM head, exactly as
-:func:`memllm.segments.forward_segments` would. Segments without labels only write the memory
+:func:`memllm.core.segments.forward_segments` would. Segments without labels only write the memory
 (which reads layer L's output), so nothing above L is needed there: with the memory after the
 last layer a cached step runs no decoder layer at all, with it at a middle layer only the upper
 layers of the answer's segment.
@@ -23,24 +23,10 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-from memllm.backbone import decoder_stack, text_config
-from memllm.inject import MemoryLayer, MemorySession, memory_config
-from memllm.segments import SegmentOutput, _logits_to_keep, positions_from_mask, segment_bounds
-
-# The one per-architecture fact needed here: the final norm's attribute on the decoder stack owner.
-FINAL_NORMS = {
-    "llama": "norm",
-    "mistral": "norm",
-    "qwen2": "norm",
-    "qwen3": "norm",
-    "gemma3_text": "norm",
-    "gemma2": "norm",
-    "gemma": "norm",
-    "phi3": "norm",
-    "olmo2": "norm",
-    "gpt2": "ln_f",
-    "gpt_neox": "final_layer_norm",
-}
+from memllm.core.backbone import decoder_stack, final_norm, stack_spec, text_config
+from memllm.core.inject import MemoryLayer, memory_config
+from memllm.core.segments import SegmentOutput, _logits_to_keep, positions_from_mask, segment_bounds
+from memllm.core.session import MemorySession
 
 # Memory types whose module calls the wrapped layer on its unchanged input and works on the
 # output only (so the layer's output can stand in for the layer).
@@ -60,9 +46,7 @@ def unsupported_reason(model: nn.Module, has_lora: bool) -> str | None:
     kind = memory_config(model).type
     if kind not in POST_LAYER_TYPES:
         return f"memory type {kind!r} changes the input of its layer"
-    if FINAL_NORMS.get(model.config.model_type) is None:
-        return f"final norm of model_type {model.config.model_type!r} unknown"
-    if not hasattr(owner, FINAL_NORMS[model.config.model_type]):
+    if not hasattr(owner, stack_spec(model).final_norm):
         return "the final norm was not found"
     return None
 
@@ -102,7 +86,7 @@ class FeatureCache:
         self.index = next(i for i, layer in enumerate(layers) if isinstance(layer, MemoryLayer))
         self.has_upper = self.index < len(layers) - 1  # decoder layers above the memory
         self.wrapper: MemoryLayer = layers[self.index]
-        self.norm = getattr(owner, FINAL_NORMS[model.config.model_type])
+        self.norm = final_norm(model)
         self.head = model.get_output_embeddings()
         self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
         self.features: dict[str, Tensor] = {}

@@ -40,22 +40,20 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from memllm.errors import ConfigError, MemllmError
-from memllm.inject import _find_controller, memory_modules, memory_session
-from memllm.run_config import (
-    RunConfig,
-    check_against_model,
-    dump_yaml,
-    load_run_config,
-    render_with_help,
-    with_file,
-)
-from memllm.segments import (
+from memllm.core.inject import has_memory, memory_modules, memory_session
+from memllm.core.segments import (
     SegmentOutput,
     _logits_to_keep,
     forward_segments,
     left_pad,
     positions_from_mask,
+)
+from memllm.errors import ConfigError, MemllmError
+from memllm.training.run_config import (
+    RunConfig,
+    check_against_model,
+    dump_yaml,
+    with_file,
 )
 
 log = logging.getLogger(__name__)
@@ -116,9 +114,9 @@ def encode_examples(examples, tokenizer, max_length: int | None, chat: bool = Fa
     """Prompt + target + EOS; prompts longer than ``max_length`` lose their beginning.
 
     With ``chat`` the prompt is the user turn of the tokenizer's chat template and the target
-    the assistant's reply (see :mod:`memllm.prompting`).
+    the assistant's reply (see :mod:`memllm.data.prompting`).
     """
-    from memllm.prompting import format_example
+    from memllm.data.prompting import format_example
 
     # verbose=False: long prompts are the point, not a reason for a tokenizer warning
     def encode(texts: list[str]) -> list[list[int]]:
@@ -253,9 +251,9 @@ def collect_diagnostics(model: nn.Module) -> Iterator[dict[str, float]]:
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Memory + LoRA parameters, found by structure (never by name)."""
-    from memllm.lora import lora_parameters
+    from memllm.core.lora import lora_parameters
 
-    params = list(memory_modules(model).parameters()) if _find_controller(model) else []
+    params = list(memory_modules(model).parameters()) if has_memory(model) else []
     return params + lora_parameters(model)
 
 
@@ -264,7 +262,7 @@ def set_train_mode(model: nn.Module, training: bool) -> None:
     from peft.tuners.lora import LoraLayer
 
     model.eval()
-    if _find_controller(model):
+    if has_memory(model):
         memory_modules(model).train(training)
     for module in model.modules():
         if isinstance(module, LoraLayer):
@@ -328,13 +326,13 @@ class Trainer:
         except ConfigError as err:
             raise with_file(err, source) from None
         self.model, self.tokenizer = model.to(acc.device), tokenizer
-        self.has_memory = _find_controller(model) is not None
+        self.has_memory = has_memory(model)
         model.requires_grad_(False)
         self.params = trainable_parameters(model)
         self.sp_head = None
         if cfg.train.supporting_facts_weight > 0:
-            from memllm.backbone import hidden_size
-            from memllm.sp_head import build_head, final_norm
+            from memllm.core.backbone import hidden_size
+            from memllm.training.sp_head import build_head, final_norm
 
             try:
                 final_norm(model)  # fail before training if the hidden states cannot be read
@@ -365,7 +363,7 @@ class Trainer:
             self.task, tokenizer, cfg.eval.split, max_len, cfg.eval.max_examples, chat=chat
         )
         if self.sp_head is not None:
-            from memllm.sp_head import attach_sentence_spans
+            from memllm.training.sp_head import attach_sentence_spans
 
             attach_sentence_spans(self.train_items, train_examples, tokenizer, chat=chat)
             attach_sentence_spans(self.eval_items, self.eval_examples, tokenizer, chat=chat)
@@ -407,7 +405,7 @@ class Trainer:
     def _feature_cache(self):
         if not self.cfg.train.feature_cache:
             return None
-        from memllm.feature_cache import FeatureCache, unsupported_reason
+        from memllm.training.feature_cache import FeatureCache, unsupported_reason
 
         reason = unsupported_reason(self.model, has_lora=self.cfg.lora is not None)
         if reason:
@@ -468,7 +466,7 @@ class Trainer:
         if self.sp_head is None:
             return (*self.forward(batch, training=training), None)
         from memllm.data.supporting_facts import pad_labels, shift_spans
-        from memllm.sp_head import capture_final_hidden
+        from memllm.training.sp_head import capture_final_hidden
 
         with capture_final_hidden(self.model) as seen:
             out, diagnostics = self.forward(batch, training=training)
@@ -622,7 +620,7 @@ class Trainer:
         return result
 
     def _generate(self, items: list[Item]) -> list[str]:
-        from memllm.generation import generate_ids
+        from memllm.core.generation import generate_ids
 
         batch = self._collate(items, prompt_only=True)
         max_new = self.cfg.eval.max_new_tokens or getattr(self.task, "max_new_tokens", 20)
@@ -659,7 +657,7 @@ class Trainer:
     def run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        from memllm.logging_utils import RunLogger
+        from memllm.training.logging_utils import RunLogger
 
         acc, cfg = self.accelerator, self.cfg
         checkpoint = latest_checkpoint(self.out)
@@ -827,8 +825,8 @@ class Trainer:
     def _check_same_run(self) -> None:
         """Refuse to resume a checkpoint trained with other settings: the run would continue
         (or, finished, just report) a memory its config does not describe."""
-        from memllm.config import load_yaml
-        from memllm.run_config import resume_conflicts
+        from memllm.core.config import load_yaml
+        from memllm.training.run_config import resume_conflicts
 
         path = self.out / "config.yaml"
         if not path.is_file():
@@ -892,7 +890,7 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> None:
         load_weights(self.model, path)
         if self.sp_head is not None:  # strict: a run that trains the head needs its weights
-            from memllm.sp_head import load_sp_head
+            from memllm.training.sp_head import load_sp_head
 
             load_sp_head(path, into=self.sp_head)
         trainer = torch.load(path / "trainer.pt", map_location="cpu", weights_only=False)
@@ -962,20 +960,20 @@ def prune_checkpoints(output_dir: Path, keep_last: int, best_step: int | None) -
 def save_weights(model: nn.Module, directory: Path, sp_head: nn.Module | None = None) -> None:
     """Memory (+ LoRA) via :func:`memllm.save_memory`; a LoRA-only model writes its adapter.
     A supporting-fact head goes beside them (``sp_head.safetensors``)."""
-    from memllm.checkpoint import ADAPTER_FILE, save_memory
+    from memllm.core.checkpoint import ADAPTER_FILE, save_memory
 
-    if _find_controller(model) is not None:
+    if has_memory(model):
         save_memory(model, directory)
     else:
         from safetensors.torch import save_file
 
-        from memllm.lora import adapter_state_dict, lora_config_dict
+        from memllm.core.lora import adapter_state_dict, lora_config_dict
 
         directory.mkdir(parents=True, exist_ok=True)
         save_file(adapter_state_dict(model), directory / ADAPTER_FILE)
         (directory / "lora_config.json").write_text(json.dumps(lora_config_dict(model), indent=2))
     if sp_head is not None:
-        from memllm.sp_head import save_sp_head
+        from memllm.training.sp_head import save_sp_head
 
         save_sp_head(sp_head, directory)
 
@@ -984,12 +982,12 @@ def load_weights(model: nn.Module, directory: Path) -> None:
     """Load a checkpoint's trained weights into a model already built with the same config."""
     from safetensors.torch import load_file
 
-    from memllm.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, read_memory_config
+    from memllm.core.checkpoint import ADAPTER_FILE, WEIGHTS_FILE, read_memory_config
+    from memllm.core.inject import memory_config_dict
+    from memllm.core.lora import has_lora, load_adapter_state
     from memllm.errors import CheckpointError
-    from memllm.inject import memory_config_dict
-    from memllm.lora import has_lora, load_adapter_state
 
-    if _find_controller(model) is not None:
+    if has_memory(model):
         if read_memory_config(directory).get("memory") != memory_config_dict(model):
             raise CheckpointError(f"{directory}: memory config differs from this run's memory")
         weights = load_file(directory / WEIGHTS_FILE)
@@ -1049,7 +1047,7 @@ def _mixed_precision(setting: str) -> str:
 
 
 def _plain(cfg: RunConfig) -> dict[str, Any]:
-    from memllm.config import to_dict
+    from memllm.core.config import to_dict
 
     return to_dict(cfg)
 
@@ -1066,56 +1064,6 @@ def train(
         task: a task object to use instead of building ``cfg.data`` (tests, notebooks).
     """
     return Trainer(cfg, source=source, resume=resume, task=task).run()
-
-
-# -- command line ----------------------------------------------------------------------------------
-
-
-def cmd_train(args) -> int:
-    cfg = load_run_config(args.config, args.overrides)
-    result = train(cfg, source=args.config, resume=args.resume)
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
-        return 0
-    s = result.summary
-    best = (
-        f", best {s['metric']} {s['best_metric']:.4f} at step {s['best_step']}"
-        if s["best_metric"] is not None
-        else ""
-    )
-    print(f"trained {s['steps']} steps{best}; memory in {result.output_dir / 'final'}")
-    return 0
-
-
-def cmd_config_show(args) -> int:
-    cfg = load_run_config(args.file, args.overrides)
-    print(f"# {args.file}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
-    print(render_with_help(cfg), end="")
-    return 0
-
-
-def register(sub) -> None:
-    p = sub.add_parser(
-        "train",
-        help="train a memory (and LoRA) on a frozen backbone from a run config",
-        description="Train from a YAML run config; key=value arguments override it "
-        "(e.g. train.max_steps=100 output_dir=runs/x). An existing output folder resumes.",
-    )
-    p.add_argument("--config", required=True, help="run config YAML")
-    p.add_argument(
-        "--resume", action="store_true", help="require and continue the latest checkpoint"
-    )
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    p.set_defaults(func=cmd_train)
-
-    config = sub.add_parser("config", help="inspect run configs")
-    config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
-    show = config_sub.add_parser("show", help="print the resolved config with each field's help")
-    show.add_argument("file", help="run config YAML")
-    show.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
-    show.set_defaults(func=cmd_config_show)
-    config.set_defaults(func=lambda _args: config.print_help() or 1)
 
 
 __all__ = ["Trainer", "TrainingDiverged", "train"]

@@ -60,7 +60,8 @@ def register(subparsers) -> None:
         "fetch",
         help="fetch offline public-domain books (Jane Austen; King James Bible)",
         description="Download a Debian package with apt-get download (no install), unpack it "
-        "in Python and write its text under memllm's cache (memllm.backbone.cache_dir()/data).",
+        "in Python and write its text under memllm's cache "
+        "(memllm.core.backbone.cache_dir()/data).",
     )
     fetch.add_argument("source", nargs="?", default="austen", choices=["austen", "kjv"])
     fetch.add_argument("--deb", help="use this downloaded .deb instead of apt-get download")
@@ -126,7 +127,7 @@ def _read_json(path: str) -> Any:
 
 def score_hotpotqa(args) -> int:
     from memllm.data.hotpotqa import load_hotpot_file
-    from memllm.metrics import hotpot_evaluate
+    from memllm.evaluation.metrics import hotpot_evaluate
 
     prediction = _read_json(args.predictions)
     if not isinstance(prediction, dict) or not ({"answer", "sp"} & set(prediction)):
@@ -140,7 +141,11 @@ def score_hotpotqa(args) -> int:
 
 
 def score_babilong(args) -> int:
-    from memllm.metrics import babilong_score, infer_babilong_task, read_babilong_predictions
+    from memllm.evaluation.metrics import (
+        babilong_score,
+        infer_babilong_task,
+        read_babilong_predictions,
+    )
 
     task = args.task or infer_babilong_task(args.predictions)
     if task is None:
@@ -185,7 +190,7 @@ def _read_zsre_predictions(path: str, ids: list[str]) -> dict[str, str]:
 
 def score_zsre(args) -> int:
     from memllm.data.zsre import ZsREOptions, ZsRETask, teacher_forced_metrics
-    from memllm.metrics import ZSRE_DEFINITIONS, mean
+    from memllm.evaluation.metrics import ZSRE_DEFINITIONS, mean
 
     if not args.predictions and not args.model:
         raise DataError("give --predictions (exact match) and/or --model (teacher-forced)")
@@ -201,7 +206,7 @@ def score_zsre(args) -> int:
         per.update(task.score(examples, outputs))
         result["missing_predictions"] = missing
     if args.model:
-        from memllm.backbone import load_backbone
+        from memllm.core.backbone import load_backbone
 
         model, tokenizer = load_backbone(args.model)
         per.update(teacher_forced_metrics(model, tokenizer, examples, batch_size=args.batch_size))
@@ -241,7 +246,7 @@ def _split_list(values: list[str] | None) -> list[str] | None:
 
 
 def _task_options(args, *, limit: int | None = None) -> dict[str, Any]:
-    from memllm.config import parse_override
+    from memllm.core.config import parse_override
 
     options: dict[str, Any] = {}
     if args.task == "babilong":

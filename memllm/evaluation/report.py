@@ -9,7 +9,7 @@ examples too (:func:`add_breakdown`), and :func:`write_results` writes::
     <output_dir>/results.json    the numbers (schema below), per-example values included
     <output_dir>/results.md      tables, notes and the embedded plots
     <output_dir>/plots/*.png     heat-map, metric vs length, metrics per arm, per subset, training,
-                                 memory (drawn by :mod:`memllm.report_plots`)
+                                 memory (drawn by :mod:`memllm.evaluation.report_plots`)
 
 ``results.json``::
 
@@ -55,8 +55,8 @@ from typing import Any
 import numpy as np
 
 from memllm.errors import DataError
-from memllm.metrics import METRIC_DEFINITIONS, METRIC_KINDS
-from memllm.stats import ALPHA, Kind, is_binary, paired_test, resolve_kind, summarize
+from memllm.evaluation.metrics import METRIC_DEFINITIONS, METRIC_KINDS
+from memllm.evaluation.stats import ALPHA, Kind, is_binary, paired_test, resolve_kind, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -171,9 +171,10 @@ def build_arm_result(
         seed: the arm's seed.
         train_log: the training log (a JSONL path, or its records) for the training plots.
         kinds: metric → ``"binary"`` / ``"continuous"``; otherwise the kind the metric's
-            definition gives (:data:`memllm.metrics.METRIC_KINDS`), else detected from the values.
+            definition gives (:data:`memllm.evaluation.metrics.METRIC_KINDS`), else detected from
+            the values.
         descriptions: metric → its definition, stored with its numbers and shown in the
-            report; defaults from :data:`memllm.metrics.METRIC_DEFINITIONS`.
+            report; defaults from :data:`memllm.evaluation.metrics.METRIC_DEFINITIONS`.
         extra: anything else worth keeping (JSON-serialisable).
         confidence: interval level.
         n_resamples: bootstrap resamples for continuous metrics.
@@ -398,11 +399,12 @@ def add_comparisons(
 
     Examples are matched by id (order may differ). For each arm ``a`` and reference ``r``
     present in ``results``, ``a["comparisons"]["vs_" + r][metric]`` is
-    :func:`memllm.stats.paired_test` of ``a`` minus ``r``. A reference arm is compared only with
-    the references listed before it (``window`` vs ``base``, not also ``base`` vs ``window``).
-    Binary metrics use the exact McNemar test, continuous ones a sign-flip permutation test; the
-    difference's interval is a paired bootstrap. When the examples carry input lengths, the
-    same tests per length go to ``a["comparisons_by_length"]["vs_" + r][length][metric]``.
+    :func:`memllm.evaluation.stats.paired_test` of ``a`` minus ``r``. A reference arm is compared
+    only with the references listed before it (``window`` vs ``base``, not also ``base`` vs
+    ``window``). Binary metrics use the exact McNemar test, continuous ones a sign-flip
+    permutation test; the difference's interval is a paired bootstrap. When the examples carry
+    input lengths, the same tests per length go to
+    ``a["comparisons_by_length"]["vs_" + r][length][metric]``.
 
     Returns:
         ``results``, changed in place.
@@ -507,7 +509,7 @@ def write_results(
     json_path.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
     figures: list[tuple[str, str, str]] = []
     if plots:
-        from memllm import report_plots
+        from memllm.evaluation import report_plots
 
         figures = report_plots.draw_plots(clean, out)
     md_path = out / "results.md"

@@ -1,0 +1,1 @@
+"""Measuring a memory: experiments (arms on shared examples), metrics, statistics and reports."""

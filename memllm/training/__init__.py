@@ -1,0 +1,1 @@
+"""Training a memory: run config, data encoding, trainer loop, checkpoints, feature cache."""
