@@ -15,6 +15,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from memllm.core.backbone import freeze  # noqa: E402
+from memllm.core.inject import memory_layers  # noqa: E402
 from memllm.core.tiny import build_tiny_model  # noqa: E402
 
 SMALL_LATENT = {"type": "latent", "num_slots": 4, "memory_dim": 16, "num_heads": 2}
@@ -52,3 +53,17 @@ def tiny():
 def _isolated_cache(tmp_path, monkeypatch):
     """Each test gets its own memllm cache folder."""
     monkeypatch.setenv("MEMLLM_CACHE", str(tmp_path / "memllm-cache"))
+
+
+def wake_memory(model, seed: int = 0) -> None:
+    """Give the zero-initialised mixing gates random values so the memory changes outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in memory_layers(model).values():
+            gate = layer.memory.out_gate
+            gate.copy_(torch.randn(gate.shape, generator=gen))
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 250, (batch, length), generator=gen)

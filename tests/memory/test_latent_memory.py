@@ -4,27 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import SMALL_LATENT
+from conftest import SMALL_LATENT, random_ids, wake_memory
 
 import memllm
 from memllm.core.inject import memory_layers
 from memllm.core.segments import forward_segments, positions_from_mask, segment_bounds
 
 ARCHS = ["llama", "gpt2", "qwen2", "gemma3"]
-
-
-def wake_memory(model, seed: int = 0) -> None:
-    """Give the zero-initialised mixing gates random values so the memory changes outputs."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in memory_layers(model).values():
-            gate = layer.memory.out_gate
-            gate.copy_(torch.randn(gate.shape, generator=gen))
-
-
-def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 250, (batch, length), generator=gen)
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -24,7 +24,7 @@ from memllm.training.trainer import (
     train,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SMALL_MEMORY = {"type": "latent", "num_slots": 4, "memory_dim": 16, "num_heads": 2}
 
 

@@ -13,7 +13,7 @@ from memllm.data import build_task
 from memllm.data.zsre import load_zsre_file, teacher_forced_metrics
 from memllm.errors import DataError
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def test_mend_and_knowedit_layouts():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from memllm.training.run_config import load_run_config
 from memllm.training.trainer import Trainer, complete_checkpoints, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import ToyTask, toy_config  # noqa: E402
 

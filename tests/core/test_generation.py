@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-from conftest import SMALL_LATENT
-from test_latent_memory import random_ids, wake_memory
+from conftest import SMALL_LATENT, random_ids, wake_memory
 
 import memllm
 from memllm.core.segments import forward_segments

@@ -27,7 +27,7 @@ from memllm.memory.neural_update import (
 
 SMALL_NEURAL = {"type": "neural", "memory_dim": 16, "chunk_size": 4, "max_adaptive_lr": 0.1}
 ARCHS = ["context", "layer", "gate"]
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.fixture(autouse=True)

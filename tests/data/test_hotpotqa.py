@@ -24,7 +24,7 @@ from memllm.data.supporting_facts import (
 from memllm.errors import DataError
 from memllm.evaluation.metrics import hotpot_evaluate
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 
 
 def fixture_task(**overrides):

@@ -17,7 +17,7 @@ from memllm.training.run_config import (
     render_with_help,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ["configs/debug.yaml", "configs/smollm2_latent_babilong.yaml"]
 
 

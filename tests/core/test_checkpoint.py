@@ -6,9 +6,8 @@ import json
 
 import pytest
 import torch
-from conftest import SMALL_LATENT
+from conftest import SMALL_LATENT, random_ids, wake_memory
 from safetensors.torch import load_file, save_file
-from test_latent_memory import random_ids, wake_memory
 
 import memllm
 from memllm.core.checkpoint import CONFIG_FILE, WEIGHTS_FILE

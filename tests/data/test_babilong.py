@@ -29,7 +29,7 @@ from memllm.data.distractors import (
 from memllm.data.rdata import read_lazyload_db, unserialize
 from memllm.errors import ConfigError, DataError
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 BOOKS = str(FIXTURES / "books")
 
 try:

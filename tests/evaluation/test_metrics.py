@@ -27,10 +27,10 @@ from memllm.evaluation.metrics import (
     zsre_token_accuracy,
 )
 
-FIXTURES = Path(__file__).parent / "fixtures"
-DUMPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "babilong-predictions"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+DUMPS = Path(__file__).resolve().parents[3] / "shared" / "data" / "babilong-predictions"
 if not DUMPS.is_dir():
-    DUMPS = Path(__file__).resolve().parents[1] / "shared" / "data" / "babilong-predictions"
+    DUMPS = Path(__file__).resolve().parents[2] / "shared" / "data" / "babilong-predictions"
 EXPECTED = json.loads((DUMPS / "expected.json").read_text()) if DUMPS.is_dir() else {}
 
 

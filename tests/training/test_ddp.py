@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from memllm.training.run_config import load_run_config
 from memllm.training.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = str(ROOT / "configs/debug.yaml")
 
 

@@ -16,7 +16,7 @@ from memllm.data.zsre import teacher_forced_metrics
 from memllm.evaluation.experiment import load_experiment_config
 from memllm.evaluation.metrics import teacher_forced_argmax
 
-CONFIGS = Path(__file__).parent.parent / "configs" / "experiments"
+CONFIGS = Path(__file__).parents[2] / "configs" / "experiments"
 LATENT = {"type": "latent", "num_slots": 4, "memory_dim": 16, "num_heads": 2}
 ZSRE_METRICS = {
     "exact_match",

@@ -97,7 +97,7 @@ def test_chat_template_wraps_prompt_and_target():
     assert format_example(tokenizer, "Q?", " A", chat=True) == ("<u>Q?</u><a>", "A")
 
 
-BOOKS = Path(__file__).parent / "fixtures" / "books"
+BOOKS = Path(__file__).parents[1] / "fixtures" / "books"
 
 
 def _run(tmp_path, config: dict, *extra: str) -> dict:

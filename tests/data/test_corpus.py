@@ -13,7 +13,7 @@ from memllm.data import TASKS, Example, Task, build_task
 from memllm.data.babi import find_babi
 from memllm.errors import ConfigError, DataError
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parents[1] / "fixtures"
 BOOKS = FIXTURES / "books"
 
 
