@@ -1,17 +1,20 @@
 """Why does (or doesn't) the quickstart's latent memory learn to retrieve? Cached-feature study.
 
 The backbone is frozen and the memory sits *above* a decoder layer L, so the output of layer L
-for every segment never depends on the memory: it is recorded once per input (the expensive
-part, ~200-800 tokens/s on a 2-core CPU) and every memory variant then trains on it in seconds.
-Only the layers above L run per step, and only on the last segment (the one with the answer):
-earlier segments just write, and a write reads layer L's output, so nothing above L matters there.
+for every segment never depends on the memory: the library's feature cache
+(:mod:`memllm.training.feature_cache`) records it once per input (the expensive part, ~200-800
+tokens/s on a 2-core CPU) and every memory variant then trains on it in seconds. Only the layers
+above L run per step, and only on the last segment (the one with the answer): earlier segments
+just write, and a write reads layer L's output, so nothing above L matters there. The cache runs
+the layers above L through the backbone's own decoder stack, so any supported architecture works.
 
 Variants differ in placement (L), slots, width, learning rate, steps, data size and loss; two
 controls tell retrieval from format learning:
 
 * ``window`` — the untrained memory (the identity): the bare backbone on the last segment;
-* ``no_carry`` — the same memory trained with its state reset before the last segment, so it can
-  learn the answer format and the answers' prior but nothing from earlier segments.
+* ``no_carry`` — the same memory trained and evaluated on the last segment only (a fresh memory
+  there), so it can learn the answer format and the answers' prior but nothing from earlier
+  segments.
 
 A memory that retrieves must beat ``no_carry``. The metric is teacher-forced answer accuracy on
 the validation split (every answer token is the argmax; EOS excluded): BabiLong qa1/qa2 answers
@@ -19,25 +22,43 @@ are one location word, so it is the official "label in the output" score of a gr
 whose first tokens are the label. Test data is never touched.
 
     python benchmarks/latent_study.py --layers 29 --variants window,no_carry,base
+    # smoke run on the tiny test model (seconds):
+    python benchmarks/latent_study.py --model tiny-llama --train-length 0k --val-length 0k \
+        --num-train 4 --num-val 2 --segment-length 64 --layers 0,-1 --epochs 1 \
+        --variants window,no_carry,base --cache /tmp/latent_study_smoke
+
+The last line printed is one JSON object: the settings and each variant's validation accuracy.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from memllm.core.backbone import decoder_stack, load_backbone
-from memllm.core.segments import left_pad, positions_from_mask, segment_bounds
+from memllm.core.inject import (
+    has_memory,
+    inject_memory,
+    memory_modules,
+    memory_session,
+    remove_memory,
+)
+from memllm.core.segments import forward_segments, shifted_targets
 from memllm.data import build_task
 from memllm.data.babilong import supporting_facts_in_window
+from memllm.data.prompting import format_example
 from memllm.evaluation.stats import paired_test, wilson_interval
-from memllm.memory import LatentMemoryConfig, build_memory_module
-from memllm.training.trainer import encode_split
+from memllm.memory import LatentMemoryConfig
+from memllm.training.data import Item, collate, encode_split
+from memllm.training.feature_cache import FeatureCache
+from memllm.training.schedule import lr_factor
 
 # name -> overrides of DEFAULTS ("memory" merges into DEFAULTS["memory"])
 VARIANTS: dict[str, dict] = {
@@ -61,6 +82,8 @@ DEFAULTS = {
     "carry": True,
     "steps": None,
 }
+WARMUP_STEPS = 10
+EVAL_BATCH = 16
 
 
 def build_items(args, tokenizer, split: str, length: str):
@@ -78,21 +101,19 @@ def build_items(args, tokenizer, split: str, length: str):
             "num_test": 1,
         },
     )
-    return encode_split(task, tokenizer, split, None, chat=True)
+    return encode_split(task, tokenizer, split, None, chat=args.chat)
 
 
-def facts_in_window(examples, items, tokenizer, segment_length: int) -> list[bool]:
+def facts_in_window(examples, items, tokenizer, segment_length: int, chat: bool) -> list[bool]:
     """Per input: whether every supporting fact starts inside the last segment (the window).
 
     Those questions can be answered without a memory; the others need what earlier segments
     held. The last segment of a teacher-forced item ends with the answer and EOS, so the window
     over the prompt alone is shorter by their tokens.
     """
-    from memllm.data.prompting import chat_wrap
-
     flags = []
     for ex, it in zip(examples, items, strict=True):
-        text = chat_wrap(tokenizer, ex.prompt)
+        text = format_example(tokenizer, ex.prompt, ex.target, chat)[0]
         answer = len(it.ids) - len(tokenizer(text, add_special_tokens=False)["input_ids"])
         inside = supporting_facts_in_window(text, ex, tokenizer, segment_length - answer)
         assert inside is not None, f"{ex.id}: no fact positions"
@@ -110,134 +131,106 @@ def split_accuracy(correct: list[bool], in_window: list[bool]) -> str:
     return " | ".join(parts)
 
 
-@torch.inference_mode()
-def record(model, items, layers: list[int], segment_length: int, batch: int = 4):
-    """Per item, per layer: the layer's output for the item's real tokens (float32, CPU)."""
-    _, stack = decoder_stack(model)
-    seen: dict[int, list[Tensor]] = {i: [] for i in layers}
-    hooks = [
-        stack[i].register_forward_hook(
-            lambda _m, _a, out, i=i: seen[i].append(out[0] if isinstance(out, tuple) else out)
+def with_memory(model, layer: int, memory: dict, seed: int = 0) -> FeatureCache:
+    """``model`` with a fresh latent memory after ``layer`` (seeded) and its feature cache."""
+    if has_memory(model):
+        remove_memory(model)
+    torch.manual_seed(seed)
+    inject_memory(model, LatentMemoryConfig(layer_ids=[layer], **memory))
+    return FeatureCache(model)
+
+
+@torch.no_grad()  # not inference_mode: the recorded features feed the memory's autograd graph
+def record(model, cache: FeatureCache, items: list[Item], keys: list[str], segment_length: int):
+    """Record the memory layer's input features of every item (real tokens, CPU) under ``keys``."""
+    start, done = time.time(), 0
+    for b in range(0, len(items), 4):
+        chunk = collate(items[b : b + 4], 0, "cpu")
+        with cache.record(keys[b : b + 4], chunk.attention_mask):
+            forward_segments(
+                model,
+                chunk.input_ids,
+                chunk.attention_mask,
+                segment_length=segment_length,
+                keep_logits=False,
+            )
+        done += len(chunk.ids)
+        rate = sum(len(it.ids) for it in items[:done]) / (time.time() - start)
+        print(f"  recorded {done}/{len(items)} ({rate:.0f} tokens/s)", flush=True)
+
+
+def last_segment(items: list[Item], keys: list[str], cache: FeatureCache, segment_length: int):
+    """The items cut to their last segment (and their cached features under new keys): the
+    no-carry control reads that segment with a fresh memory. Segments are end-aligned and the
+    layers up to L see one segment at a time, so the features are the full input's last ones."""
+    cut, cut_keys = [], []
+    for it, key in zip(items, keys, strict=True):
+        n = min(segment_length, len(it.ids))
+        mask = it.mask[-n:] if it.mask is not None else None
+        cut.append(
+            replace(it, id=f"{it.id}/last", ids=it.ids[-n:], labels=it.labels[-n:], mask=mask)
         )
-        for i in layers
-    ]
-    out: list[dict[int, Tensor]] = []
-    start = time.time()
-    try:
-        for b in range(0, len(items), batch):
-            chunk = items[b : b + batch]
-            ids, mask = left_pad([it.ids for it in chunk], 0)
-            for v in seen.values():
-                v.clear()
-            for s, e in segment_bounds(ids.shape[1], segment_length):
-                m = mask[:, s:e]
-                model.model(
-                    input_ids=ids[:, s:e], attention_mask=m, position_ids=positions_from_mask(m)
-                )
-            for row in range(len(chunk)):
-                keep = mask[row].bool()
-                out.append({i: torch.cat(seen[i], dim=1)[row, keep].clone() for i in layers})
-            done = b + len(chunk)
-            rate = sum(len(it.ids) for it in items[:done]) / (time.time() - start)
-            print(f"  recorded {done}/{len(items)} ({rate:.0f} tokens/s)", flush=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    return out
+        cut_keys.append(f"{key}/last")
+        cache.features[cut_keys[-1]] = cache.features[key][-n:]
+    return cut, cut_keys
 
 
-class Upper(nn.Module):
-    """Layers L+1.. of the backbone, the final norm and the LM head, for the last segment."""
-
-    def __init__(self, model, layer: int):
-        super().__init__()
-        owner, stack = decoder_stack(model)
-        self.layers = list(stack)[layer + 1 :]
-        self.rotary = owner.rotary_emb
-        self.norm = owner.norm
-        self.head = model.get_output_embeddings()
-
-    def forward(self, hidden: Tensor, keep: int) -> Tensor:
-        # the last segment is full (inputs are longer than a segment, segments end-aligned): no
-        # padding, so the layers' own causal attention (mask None) is the right mask
-        if self.layers:
-            pos = torch.arange(hidden.shape[1])[None].expand(hidden.shape[0], -1)
-            emb = self.rotary(hidden, pos)
-            for layer in self.layers:
-                out = layer(hidden, attention_mask=None, position_ids=pos, position_embeddings=emb)
-                hidden = out[0] if isinstance(out, tuple) else out
-        return self.head(self.norm(hidden[:, -keep:]))
-
-
-def run_batch(memory, upper, feats, items, layer, segment_length, carry):
-    """Task loss, aux loss and per-item answer correctness for one batch of cached items."""
-    width = max(len(it.ids) for it in items)
-    hidden = torch.zeros(len(items), width, feats[0][layer].shape[-1])
-    mask = torch.zeros(len(items), width, dtype=torch.bool)
-    labels = torch.full((len(items), width), -100)
-    for row, (f, it) in enumerate(zip(feats, items, strict=True)):
-        hidden[row, width - len(it.ids) :] = f[layer]
-        mask[row, width - len(it.ids) :] = True
-        labels[row, width - len(it.ids) :] = torch.tensor(it.labels)
-    bounds = segment_bounds(width, segment_length)
-    state = memory.init_state(len(items), hidden.device, hidden.dtype)
-    aux_losses = []
-    for k, (s, e) in enumerate(bounds):
-        last = k == len(bounds) - 1
-        if last and not carry:
-            state = memory.init_state(len(items), hidden.device, hidden.dtype)
-        h = hidden[:, s:e]
-        out, state, aux = memory(lambda x: x, h, state, mask=mask[:, s:e], write=not last)
-        aux_losses.append(aux["loss"])
-    targets = labels[:, s + 1 : e]  # position t predicts t+1 (answers sit inside the last segment)
-    keep = int(e - s - 1 - (targets != -100).any(0).nonzero()[0]) if (targets != -100).any() else 1
-    logits = upper(out[:, :-1], keep)
-    targets = targets[:, -keep:]
-    loss = nn.functional.cross_entropy(
-        logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100
-    )
-    pred = logits.argmax(-1)
-    answer = (targets != -100) & (targets != items[0].ids[-1])  # EOS excluded
-    correct = ((pred == targets) | ~answer).all(-1)
-    return loss, sum(aux_losses) / len(aux_losses), correct
+def run_batch(model, cache, items, keys, segment_length, *, keep_logits=False):
+    """Loss, aux loss and (with ``keep_logits``) per-item answer correctness of cached items."""
+    batch = collate(items, 0, "cpu")
+    with memory_session(model) as session:
+        out = cache.forward(
+            keys,
+            batch.attention_mask,
+            batch.labels,
+            segment_length=segment_length,
+            session=session,
+            keep_logits=keep_logits,
+        )
+    correct = None
+    if keep_logits:  # teacher-forced: every answer token (EOS excluded) is the argmax
+        targets = shifted_targets(batch.labels)[:, -out.logits.shape[1] :]
+        pred = out.logits.argmax(-1)
+        eos = items[0].ids[-1]
+        answer = (targets != -100) & (targets != eos)
+        correct = ((pred == targets) | ~answer).all(-1)
+    return out.loss, out.aux_loss, correct
 
 
 def train_variant(name, spec, model, data, in_window, layer, segment_length, defaults, seed=0):
     """Train one variant (``spec`` over ``defaults``) and print its row; per-question correct."""
     cfg = {**defaults, **spec, "memory": {**defaults["memory"], **spec.get("memory", {})}}
-    torch.manual_seed(seed)
-    mconf = LatentMemoryConfig(layer_ids=[layer], **cfg["memory"])
-    memory = build_memory_module(mconf, model.config.hidden_size)
-    upper = Upper(model, layer)
-    train_items, train_feats, val_items, val_feats = data
+    features = data["features"]
+    cache = with_memory(model, layer, cfg["memory"], seed)
+    cache.features = features
+    train_items, train_keys = data["train"]
+    val_items, val_keys = data["validation"]
+    if not cfg["carry"]:
+        train_items, train_keys = last_segment(train_items, train_keys, cache, segment_length)
+        val_items, val_keys = last_segment(val_items, val_keys, cache, segment_length)
+    memory = next(iter(memory_modules(model).values()))
     n = len(train_items)
     steps = (
         cfg["steps"] if cfg["steps"] is not None else cfg["epochs"] * math.ceil(n / cfg["batch"])
     )
     opt = torch.optim.AdamW(memory.parameters(), lr=cfg["lr"], weight_decay=0.01)
-    warm = 10
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: (
-            min(1, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, steps))))
-        ),
-    )
+    warmup = min(WARMUP_STEPS, max(1, steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, "cosine", warmup, steps))
     g = torch.Generator().manual_seed(seed)
     order: list[int] = []
     start = time.time()
     losses = []
+    memory.train()
     for _ in range(steps):
         if len(order) < cfg["batch"]:
             order += torch.randperm(n, generator=g).tolist()
         idx, order = order[: cfg["batch"]], order[cfg["batch"] :]
         loss, aux, _ = run_batch(
-            memory,
-            upper,
-            [train_feats[i] for i in idx],
+            model,
+            cache,
             [train_items[i] for i in idx],
-            layer,
+            [train_keys[i] for i in idx],
             segment_length,
-            cfg["carry"],
         )
         (loss + aux).backward()
         nn.utils.clip_grad_norm_(memory.parameters(), 1.0)
@@ -246,17 +239,17 @@ def train_variant(name, spec, model, data, in_window, layer, segment_length, def
         opt.zero_grad()
         losses.append(float(loss.detach()))
     train_time = time.time() - start
+    memory.eval()
     with torch.no_grad():
         correct, vloss = [], []
-        for b in range(0, len(val_items), 16):
+        for b in range(0, len(val_items), EVAL_BATCH):
             loss, _, c = run_batch(
-                memory,
-                upper,
-                val_feats[b : b + 16],
-                val_items[b : b + 16],
-                layer,
+                model,
+                cache,
+                val_items[b : b + EVAL_BATCH],
+                val_keys[b : b + EVAL_BATCH],
                 segment_length,
-                cfg["carry"],
+                keep_logits=True,
             )
             correct += c.tolist()
             vloss.append(float(loss) * len(c))
@@ -274,8 +267,34 @@ def train_variant(name, spec, model, data, in_window, layer, segment_length, def
     return correct
 
 
+def recorded_features(args, model, layer: int, built, cache_dir: Path) -> dict[str, Tensor]:
+    """Layer ``layer``'s output for every train and validation item, keyed ``split/id``
+    (recorded once, then read from ``cache_dir``)."""
+    model_tag = args.model.replace("/", "_")
+    features: dict[str, Tensor] = {}
+    for split, length in (("train", args.train_length), ("validation", args.val_length)):
+        items = built[split][0]
+        # the key names both sizes: they decide which stories each split holds
+        name = f"{model_tag}_{split}_{length}_{args.num_train}_{args.num_val}"
+        path = cache_dir / f"{name}_{args.segment_length}_L{layer}.pt"
+        keys = [f"{split}/{it.id}" for it in items]
+        if path.exists():
+            features.update(torch.load(path))
+            continue
+        print(
+            f"recording {split} {length}: {len(items)} inputs, "
+            f"{sum(len(i.ids) for i in items)} tokens, layer {layer}"
+        )
+        cache = with_memory(model, layer, DEFAULTS["memory"])
+        record(model, cache, items, keys, args.segment_length)
+        torch.save(cache.features, path)
+        features.update(cache.features)
+    return features
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m", help="backbone (name, folder or .gguf)")
     p.add_argument("--train-length", default="1k")
     p.add_argument("--num-train", type=int, default=100, help="per task")
     p.add_argument("--val-length", default="1k")
@@ -287,13 +306,21 @@ def main() -> None:
     p.add_argument(
         "--epochs", type=int, help=f"epochs of every variant (default {DEFAULTS['epochs']})"
     )
+    p.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="prompts in the chat template (default: when the tokenizer has one)",
+    )
     args = p.parse_args()
     defaults = {**DEFAULTS, "epochs": args.epochs or DEFAULTS["epochs"]}
-    torch.set_num_threads(torch.get_num_threads())
-    model, tokenizer = load_backbone("smollm2-135m")
-    layers = [int(x) % model.config.num_hidden_layers for x in args.layers.split(",")]
-    cache = Path(args.cache)
-    cache.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_backbone(args.model)
+    if args.chat is None:
+        args.chat = getattr(tokenizer, "chat_template", None) is not None
+    depth = len(decoder_stack(model)[1])
+    layers = [int(x) % depth for x in args.layers.split(",")]
+    cache_dir = Path(args.cache)
+    cache_dir.mkdir(parents=True, exist_ok=True)
     lengths = {"train": args.train_length, "validation": args.val_length}
     built = {
         split: build_items(args, tokenizer, split, length) for split, length in lengths.items()
@@ -304,42 +331,38 @@ def main() -> None:
     }
     if shared:  # an earlier version of this script trained on most validation stories
         raise SystemExit(f"train and validation share bAbI stories: {sorted(shared)[:3]}")
-    data = []
-    for split, length in lengths.items():
-        items = built[split][0]
-        # the key names both sizes: they decide which stories each split holds
-        path = cache / f"{split}_{length}_{args.num_train}_{args.num_val}_{args.segment_length}.pt"
-        stored = torch.load(path) if path.exists() else None
-        if stored is None or not all(i in stored[0] for i in layers):
-            print(
-                f"recording {split} {length}: {len(items)} inputs, "
-                f"{sum(len(i.ids) for i in items)} tokens, layers {layers}"
-            )
-            stored = record(model, items, layers, args.segment_length)
-            torch.save(stored, path)
-        data += [items, stored]
+    splits = {
+        split: (built[split][0], [f"{split}/{it.id}" for it in built[split][0]])
+        for split in lengths
+    }
     print(
-        f"train {len(data[0])} inputs ({args.train_length}), "
-        f"validation {len(data[2])} ({args.val_length})"
+        f"train {len(splits['train'][0])} inputs ({args.train_length}), "
+        f"validation {len(splits['validation'][0])} ({args.val_length})"
     )
-    in_window = facts_in_window(examples["validation"], data[2], tokenizer, args.segment_length)
+    in_window = facts_in_window(
+        examples["validation"], built["validation"][0], tokenizer, args.segment_length, args.chat
+    )
     print(
         f"validation: {sum(in_window)} of {len(in_window)} questions have every supporting fact "
         f"in the last {args.segment_length}-token segment"
     )
+    features = {layer: recorded_features(args, model, layer, built, cache_dir) for layer in layers}
     print(
         "| variant | layer | steps | train loss (first → last 10) | val loss "
         "| val acc % [95% CI] | gate | time | right, facts in window | right, facts earlier |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     names = args.variants.split(",")
+    summary: dict[str, float] = {}
     for layer in layers:
+        data = {**splits, "features": features[layer]}
         correct = {
             name: train_variant(
                 name, VARIANTS[name], model, data, in_window, layer, args.segment_length, defaults
             )
             for name in names
         }
+        summary |= {f"L{layer}/{name}": sum(c) / len(c) for name, c in correct.items()}
         if "no_carry" in correct:  # paired: the same questions, with and without carrying
             for name in names:
                 if name != "no_carry":
@@ -349,6 +372,9 @@ def main() -> None:
                         f"{t['b_only']} only without carrying; exact McNemar p = "
                         f"{t['p_value']:.3g}"
                     )
+    settings = {k: getattr(args, k) for k in ("model", "train_length", "val_length", "num_train")}
+    settings |= {"num_val": args.num_val, "segment_length": args.segment_length, "layers": layers}
+    print(json.dumps({"benchmark": "latent_study", **settings, "val_accuracy": summary}))
 
 
 if __name__ == "__main__":

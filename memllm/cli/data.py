@@ -15,11 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from memllm.cli.args import nonnegative_int, positive_int
 from memllm.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers) -> None:
@@ -49,8 +53,8 @@ def register(subparsers) -> None:
     )
     zs.add_argument("--model", help="a model to compute teacher-forced accuracies with")
     zs.add_argument("--template", default="{question}", help="prompt template for --model")
-    zs.add_argument("--batch-size", type=int, default=16)
-    zs.add_argument("--limit", type=int, help="score only the first N records")
+    zs.add_argument("--batch-size", type=positive_int, default=16)
+    zs.add_argument("--limit", type=positive_int, help="score only the first N records")
     zs.set_defaults(func=score_zsre)
 
     data = subparsers.add_parser("data", help="fetch, preview and export task data")
@@ -71,9 +75,11 @@ def register(subparsers) -> None:
 
     preview = data_sub.add_parser("preview", help="print a few formatted examples")
     _task_arguments(preview)
-    preview.add_argument("-n", type=int, default=2, help="how many examples (default 2)")
+    preview.add_argument("-n", type=positive_int, default=2, help="how many examples (default 2)")
     preview.add_argument("--tokenizer", help="count tokens with this tokenizer")
-    preview.add_argument("--max-chars", type=int, default=0, help="cut long prompts (0: no)")
+    preview.add_argument(
+        "--max-chars", type=nonnegative_int, default=0, help="cut long prompts (0: no)"
+    )
     preview.set_defaults(func=data_preview)
 
     export = data_sub.add_parser(
@@ -95,7 +101,7 @@ def _task_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", help="babilong, hotpotqa, zsre or corpus")
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
     parser.add_argument("--tasks", nargs="+", help="babilong: qa1 qa2 … (or qa1,qa2)")
-    parser.add_argument("--lengths", nargs="+", help="babilong: 0k 1k 4k … (or 0k,4k)")
+    parser.add_argument("--lengths", nargs="+", help="babilong, recall: 0k 1k 4k … (or 0k,4k)")
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -115,33 +121,124 @@ def _print_json(payload: dict[str, Any]) -> None:
     print(json.dumps(payload, indent=1, ensure_ascii=False))
 
 
-def _read_json(path: str) -> Any:
+def _no_duplicate_keys(path: Path):
+    """A ``json`` object hook that refuses a key given twice (json keeps the last silently)."""
+
+    def hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise DataError(f"{path}: key {key!r} appears twice in one object")
+            out[key] = value
+        return out
+
+    return hook
+
+
+def _read_text(path: str | Path) -> str:
     p = Path(path)
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, not a file")
     if not p.is_file():
         raise DataError(f"{p}: file not found")
     try:
-        return json.loads(p.read_text(encoding="utf-8"))
+        return p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{p}: not UTF-8 text (offset {err.start})") from None
+
+
+def _read_json(path: str) -> Any:
+    p = Path(path)
+    text = _read_text(p)
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys(p))
     except json.JSONDecodeError as err:
         raise DataError(f"{p}: invalid JSON at line {err.lineno} ({err.msg})") from None
 
 
-def score_hotpotqa(args) -> int:
-    from memllm.data.hotpotqa import load_hotpot_file
-    from memllm.evaluation.metrics import hotpot_evaluate
-
-    prediction = _read_json(args.predictions)
+def _check_hotpot_prediction(path: str, prediction: Any) -> None:
+    """Types of a HotpotQA prediction file; a wrong one would silently score 0."""
     if not isinstance(prediction, dict) or not ({"answer", "sp"} & set(prediction)):
-        raise DataError(f"{args.predictions}: expected an object with 'answer' and/or 'sp'")
+        raise DataError(f"{path}: expected an object with 'answer' and/or 'sp'")
     for key in ("answer", "sp"):
         if not isinstance(prediction.get(key, {}), dict):
-            raise DataError(f"{args.predictions}: '{key}' must map question ids to predictions")
+            raise DataError(f"{path}: '{key}' must map question ids to predictions")
+    for qid, answer in prediction.get("answer", {}).items():
+        if not isinstance(answer, str):
+            raise DataError(f"{path}: answer[{qid!r}] must be a string, got {answer!r}")
+    for qid, facts in prediction.get("sp", {}).items():
+        ok = isinstance(facts, list) and all(
+            isinstance(f, list)
+            and len(f) == 2
+            and isinstance(f[0], str)
+            and isinstance(f[1], int)
+            and not isinstance(f[1], bool)
+            for f in facts
+        )
+        if not ok:
+            raise DataError(f"{path}: sp[{qid!r}] must be a list of [title, sentence index] pairs")
+
+
+def _check_ids(what: str, predicted: set[str], gold: list[str], pred_path: str) -> None:
+    """Refuse predictions that match no gold id; warn with counts where only some match
+    (the official scripts count an unanswered question 0 and ignore extra ids)."""
+    gold_set = set(gold)
+    matched = predicted & gold_set
+    if predicted and not matched:
+        raise DataError(
+            f"{pred_path}: none of the {len(predicted)} predicted {what} ids is in the gold file "
+            f"(e.g. {sorted(predicted)[0]!r}; gold ids look like {gold[0]!r})"
+        )
+    if not predicted:
+        raise DataError(f"{pred_path}: no predictions")
+    extra = len(predicted - gold_set)
+    missing = len(gold_set - predicted)
+    if extra:
+        log.warning(
+            "%s: %d predicted %s id(s) are not in the gold file (ignored)", pred_path, extra, what
+        )
+    if missing:
+        log.warning(
+            "%s: %d of %d gold question(s) have no %s prediction (scored 0, as the official "
+            "script does)",
+            pred_path,
+            missing,
+            len(gold_set),
+            what,
+        )
+
+
+def _duplicate(ids: list[str]) -> str | None:
+    seen: set[str] = set()
+    for i in ids:
+        if i in seen:
+            return i
+        seen.add(i)
+    return None
+
+
+def score_hotpotqa(args) -> int:
+    from memllm.data.hotpotqa import load_hotpot_file
+    from memllm.data.hotpotqa_metric import hotpot_evaluate
+
+    prediction = _read_json(args.predictions)
+    _check_hotpot_prediction(args.predictions, prediction)
     gold = load_hotpot_file(args.gold)
+    if not gold:
+        raise DataError(f"{args.gold}: no gold records")
+    gold_ids = [str(dp["_id"]) for dp in gold]
+    dup = _duplicate(gold_ids)
+    if dup is not None:
+        raise DataError(f"{args.gold}: question id {dup!r} appears twice")
+    for key in ("answer", "sp"):
+        if key in prediction:
+            _check_ids(key, set(prediction[key]), gold_ids, args.predictions)
     _print_json(hotpot_evaluate(prediction, gold))
     return 0
 
 
 def score_babilong(args) -> int:
-    from memllm.evaluation.metrics import (
+    from memllm.data.babilong_metric import (
         babilong_score,
         infer_babilong_task,
         read_babilong_predictions,
@@ -151,6 +248,8 @@ def score_babilong(args) -> int:
     if task is None:
         raise DataError(f"{args.predictions}: cannot tell the task from the name; pass --task qaN")
     rows = read_babilong_predictions(args.predictions)
+    if not rows:
+        raise DataError(f"{args.predictions}: no prediction rows (only a header?)")
     result = babilong_score(
         task,
         [r["target"] for r in rows],
@@ -163,44 +262,63 @@ def score_babilong(args) -> int:
 
 
 def _read_zsre_predictions(path: str, ids: list[str]) -> dict[str, str]:
-    from memllm.data.base import read_json_records
-
     p = Path(path)
+    text = _read_text(p)
     try:
-        data = _read_json(path)
-    except DataError:
-        data = read_json_records(p)  # JSON lines
+        data = json.loads(text, object_pairs_hook=_no_duplicate_keys(p))
+    except json.JSONDecodeError as err:
+        if err.msg != "Extra data":
+            raise DataError(f"{p}: invalid JSON at line {err.lineno} ({err.msg})") from None
+        data = []  # several JSON values: JSON lines
+        for n, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line, object_pairs_hook=_no_duplicate_keys(p)))
+                except json.JSONDecodeError as line_err:
+                    raise DataError(f"{p}: line {n}: invalid JSON ({line_err.msg})") from None
     if isinstance(data, dict):
-        return {str(k): str(v) for k, v in data.items()}
+        for key, value in data.items():
+            if not isinstance(value, str):
+                raise DataError(f"{p}: the prediction of {key!r} must be a string, got {value!r}")
+        return dict(data)
     if not isinstance(data, list):
         raise DataError(
             f"{p}: expected {{id: text}}, a list of texts, or JSON lines {{id, output}}"
         )
-    if all(isinstance(x, str) for x in data):
+    if data and all(isinstance(x, str) for x in data):
         if len(data) != len(ids):
             raise DataError(f"{p}: {len(data)} outputs for {len(ids)} gold records")
         return dict(zip(ids, data, strict=True))
-    out = {}
+    out: dict[str, str] = {}
     for i, row in enumerate(data):
         if not (isinstance(row, dict) and "id" in row and isinstance(row.get("output"), str)):
-            raise DataError(f"{p}: record {i}: expected {{id, output}}")
-        out[str(row["id"])] = row["output"]
+            raise DataError(f"{p}: record {i}: expected {{id, output}} with a string output")
+        key = str(row["id"])
+        if key in out:
+            raise DataError(f"{p}: record {i}: id {key!r} appears twice")
+        out[key] = row["output"]
     return out
 
 
 def score_zsre(args) -> int:
     from memllm.data.zsre import ZsREOptions, ZsRETask, teacher_forced_metrics
-    from memllm.evaluation.metrics import ZSRE_DEFINITIONS, mean
+    from memllm.data.zsre_metric import ZSRE_DEFINITIONS, mean
 
     if not args.predictions and not args.model:
         raise DataError("give --predictions (exact match) and/or --model (teacher-forced)")
     task = ZsRETask(ZsREOptions(test_file=args.gold, num_test=args.limit, template=args.template))
     examples = task.examples("test")
+    if not examples:
+        raise DataError(f"{args.gold}: no gold records")
     result: dict[str, Any] = {"n": len(examples)}
     per: dict[str, list[float]] = {}
     if args.predictions:
         ids = [ex.meta["id"] for ex in examples]
+        dup = _duplicate(ids)
+        if dup is not None:
+            raise DataError(f"{args.gold}: record id {dup!r} appears twice")
         preds = _read_zsre_predictions(args.predictions, ids)
+        _check_ids("answer", set(preds), ids, args.predictions)
         missing = sum(i not in preds for i in ids)
         outputs = [preds.get(i, "") for i in ids]  # a missing prediction counts 0
         per.update(task.score(examples, outputs))
@@ -213,7 +331,7 @@ def score_zsre(args) -> int:
         result["model"] = args.model
     for key, values in per.items():
         finite = [v for v in values if v == v]  # nan: the record has no such question
-        result[key] = mean(finite)
+        result[key] = mean(finite) if finite else None  # None: no record has one (not NaN)
         if len(finite) != len(values):
             result[f"{key}_n"] = len(finite)
     result["definitions"] = {k: ZSRE_DEFINITIONS[k] for k in per if k in ZSRE_DEFINITIONS}
@@ -254,6 +372,8 @@ def _task_options(args, *, limit: int | None = None) -> dict[str, Any]:
             options["tasks"] = _split_list(args.tasks)
         if args.lengths:
             options["lengths"] = _split_list(args.lengths)
+    elif args.task == "recall" and args.lengths and not args.tasks:
+        options["lengths"] = _split_list(args.lengths)
     elif args.tasks or args.lengths:
         raise DataError("--tasks and --lengths are BabiLong options")
     if limit is not None and args.task != "corpus":
@@ -296,7 +416,7 @@ def data_preview(args) -> int:
             head += f", target {ex.target!r} ({count(ex.target)} tokens)"
         print(head + " ===")
         print(shown)
-        if args.task == "babilong" and "facts" in ex.meta:
+        if args.task in ("babilong", "recall") and "facts" in ex.meta:
             print(
                 f"--- {len(ex.meta['facts'])} facts at characters "
                 f"{[s for s, _ in ex.meta['fact_spans']]} of a {ex.meta['context_tokens']:,}-token "
@@ -339,7 +459,7 @@ def data_export(args) -> int:
             }
             for r in task.records(args.split)
         ]
-    elif args.task == "babilong":
+    elif args.task in ("babilong", "recall"):
         payload = [
             {
                 "id": ex.id,

@@ -6,7 +6,7 @@ from memllm.evaluation.experiment import quickstart_config, run_experiment
 
 
 def cmd_experiment(args) -> int:
-    from memllm.evaluation.report import format_table
+    from memllm.evaluation.markdown import format_table
 
     arms = args.arms.split(",") if args.arms else None
     experiment, results = run_experiment(args.config, args.overrides, arms)
@@ -16,7 +16,7 @@ def cmd_experiment(args) -> int:
 
 
 def cmd_quickstart(args) -> int:
-    from memllm.evaluation.report import format_table
+    from memllm.evaluation.markdown import format_table
 
     overrides = list(args.overrides)
     if args.output:

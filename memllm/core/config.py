@@ -7,7 +7,9 @@ names the key (and the file when there is one), before anything is built.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -74,14 +76,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         # YAML reads "1e-3" as a string; accept numeric strings and ints for floats.
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # No setting means "unbounded" by inf (null does), and nan compares false with every
+        # bound check: both would only surface later as a NaN stop.
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -128,19 +135,103 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+# A YAML alias (``*name``) repeats a value without copying it, so a few lines can stand for
+# billions of values (an "alias bomb"), which memllm would expand when it copies or walks the
+# config. Real configs share a few sections; this bounds the expanded size instead of aliases.
+MAX_YAML_VALUES = 100_000
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (YAML keeps the last).
+
+    Keys brought in by a merge (``<<: *base``) may be overridden by the mapping's own keys.
+    """
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    duplicate = key in seen
+                except TypeError:  # an unhashable key: the base class says so
+                    break
+                if duplicate:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )
+                seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def expanded_size(value: Any, limit: int = MAX_YAML_VALUES) -> int:
+    """How many values ``value`` holds with every shared (aliased) part counted each time.
+
+    Stops counting past ``limit`` (returns ``limit + 1``) so that a bomb costs nothing.
+    """
+    memo: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (dict, list)):
+            return 1
+        if id(v) in memo:
+            return memo[id(v)]
+        memo[id(v)] = limit + 1  # a cycle (``&a [*a]``) counts as too big
+        children = v.values() if isinstance(v, dict) else v
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        memo[id(v)] = min(total, limit + 1)
+        return memo[id(v)]
+
+    return size(value)
+
+
+def safe_load_yaml(text: str, where: str) -> Any:
+    """Parse YAML text strictly: no duplicate keys, no alias expansion past
+    :data:`MAX_YAML_VALUES`; errors are one :class:`ConfigError` line that starts with ``where``.
+    """
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{where}:{line} invalid YAML ({getattr(err, 'problem', err)})") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: invalid YAML (nested too deeply)") from None
+    if expanded_size(data) > MAX_YAML_VALUES:
+        raise ConfigError(
+            f"{where}: YAML aliases (*name) expand to more than {MAX_YAML_VALUES:,} values; "
+            "write the repeated sections out or use fewer aliases"
+        )
+    return data
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or a syntax error is one line naming the file."""
+    """Read a YAML mapping strictly; every problem is one :class:`ConfigError` naming the file.
+
+    Refused: a missing file or a folder, bytes that are not UTF-8, a syntax error, a key given
+    twice in one mapping, aliases that expand past :data:`MAX_YAML_VALUES` values, an empty file
+    (it would silently run on defaults) and a top level that is not a mapping.
+    """
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a folder, not a config file")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} invalid YAML ({getattr(err, 'problem', err)})") from None
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})"
+        ) from None
+    data = safe_load_yaml(text, str(path))
     if data is None:
-        return {}
+        raise ConfigError(f"{path}: the config is empty (no keys); write at least one setting")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys")
     return data
@@ -151,12 +242,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value")
     key, raw = item.split("=", 1)
-    if not key:
+    if not key or "" in key.split("."):
         raise ConfigError(f"override {item!r}: empty key")
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
-        value = raw
+        value = safe_load_yaml(raw, f"override {item!r}") if raw != "" else ""
+    except ConfigError as err:
+        if "expand to more than" in str(err):
+            raise
+        value = raw  # not YAML: the text itself (e.g. a path with a colon)
     return key.split("."), value
 
 

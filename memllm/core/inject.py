@@ -18,8 +18,6 @@ calls, the committed state is left as it was (see :meth:`MemorySession.decoding`
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -149,7 +147,9 @@ def inject_memory(model: nn.Module, config) -> nn.Module:
     if has_memory(model):
         raise ValueError("this model already has memory; call memllm.remove_memory(model) first")
     owner, layers = decoder_stack(model)
-    layer_ids = resolve_layer_ids(list(config.layer_ids), len(layers))
+    # layer_ids None: every layer (a memory that acts inside every attention, kv_retrieval)
+    wanted = config.layer_ids if config.layer_ids is not None else range(len(layers))
+    layer_ids = resolve_layer_ids(list(wanted), len(layers))
     width = hidden_size(model)
     param = next(model.parameters())
     modules = {i: build_memory_module(config, width).to(param.device) for i in layer_ids}
@@ -174,6 +174,9 @@ def inject_memory(model: nn.Module, config) -> nn.Module:
         wrapper = MemoryLayer(layers[i], memory, i)
         wrapper._controller = controller
         layers[i] = wrapper
+        # a memory that acts inside the layer's attention installs its attention function
+        if hasattr(memory, "attach"):
+            memory.attach(model, wrapper.layer, i)
     # not registered as a submodule: the controller holds no parameters
     object.__setattr__(model, ATTR, controller)
     return model
@@ -185,6 +188,8 @@ def remove_memory(model: nn.Module) -> nn.Module:
     _, layers = decoder_stack(model)
     for i, layer in enumerate(layers):
         if isinstance(layer, MemoryLayer):
+            if hasattr(layer.memory, "detach"):
+                layer.memory.detach(model)
             layers[i] = layer.layer
     for handle in controller.hook:
         handle.remove()
@@ -217,24 +222,50 @@ def memory_config_dict(model: nn.Module) -> dict[str, Any]:
     return to_dict(memory_config(model))
 
 
-@contextlib.contextmanager
-def memory_session(
-    model: nn.Module, state: dict[int, Any] | None = None
-) -> Iterator[MemorySession]:
+class SessionBlock:
+    """The ``with`` block that :func:`memory_session` returns; it can be entered once.
+
+    (A generator-based context manager entered a second time fails with an unrelated
+    AttributeError; this says what happened.)
+    """
+
+    def __init__(self, model: nn.Module, state: dict[int, Any] | None) -> None:
+        self.model = model
+        self.initial_state = state
+        self.entered = False
+        self.controller: MemoryController | None = None
+
+    def __enter__(self) -> MemorySession:
+        if self.entered:
+            raise RuntimeError(
+                "this memory_session(...) block was already entered; call memory_session(model) "
+                "again for another session (pass state=session.state() to continue one)"
+            )
+        self.entered = True
+        controller = controller_of(self.model)
+        if controller.session is not None and not controller.ephemeral:
+            raise RuntimeError(
+                "a memory session is already active on this model; sessions don't nest"
+            )
+        session = MemorySession(controller, self.initial_state)
+        controller.session = session
+        controller.ephemeral = False
+        self.controller = controller
+        return session
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.controller is not None:
+            self.controller.session = None
+
+
+def memory_session(model: nn.Module, state: dict[int, Any] | None = None) -> SessionBlock:
     """Own the memory of one example (or batch of independent examples) for a block of code.
 
     Every ``model(...)`` or ``model.generate(...)`` call inside reads the memory written by the
     earlier calls of this session and writes to it (unless inside ``session.read_only()`` or
     ``session.decoding()``). The memory starts fresh, or from ``state`` (a previous session's
     ``state()``) for runs that carry memory across examples on purpose (persistent memory).
+    Use it as ``with memory_session(model) as session:``; one returned block is entered once,
+    and sessions on one model don't nest (both are a RuntimeError).
     """
-    controller = controller_of(model)
-    if controller.session is not None and not controller.ephemeral:
-        raise RuntimeError("a memory session is already active on this model; sessions don't nest")
-    session = MemorySession(controller, state)
-    controller.session = session
-    controller.ephemeral = False
-    try:
-        yield session
-    finally:
-        controller.session = None
+    return SessionBlock(model, state)

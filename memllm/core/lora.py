@@ -4,6 +4,10 @@ PEFT's ``inject_adapter_in_model`` adds LoRA layers to the model object itself (
 wrapper), so memory and adapter live on one model and one checkpoint covers both. Adapter keys
 are stored without memllm's wrapper segment (``layers.3.layer.self_attn`` → ``layers.3.self_attn``),
 so a checkpoint loads whether LoRA or memory was attached first.
+
+On disk the adapter is PEFT's own format (``adapter_config.json`` + ``adapter_model.safetensors``,
+keys prefixed ``base_model.model.``): :func:`peft_config` and :func:`settings_from_peft` convert
+between it and :class:`LoraSettings`; :mod:`memllm.core.checkpoint` reads and writes the files.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def _settings(settings: LoraSettings | dict[str, Any]) -> LoraSettings:
 def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.Module:
     """Add LoRA adapters to ``model`` in place; the adapters and the memory (if any) are then the
     only trainable parameters."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import inject_adapter_in_model
 
     from memllm.core.inject import has_memory, memory_parameters
 
@@ -66,12 +70,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.
         raise ConfigError(
             f"lora.target_modules: {absent[0]!r} names no module of {type(model).__name__}"
         )
-    config = LoraConfig(
-        r=settings.rank,
-        lora_alpha=settings.alpha,
-        lora_dropout=settings.dropout,
-        target_modules=list(settings.target_modules),
-    )
+    config = peft_config(settings)
     # PEFT freezes every parameter that is not LoRA's, which would also freeze a memory injected
     # before the adapter: the memory's parameters (found by structure) keep their trainability.
     has_memory = has_memory(model)
@@ -82,6 +81,77 @@ def apply_lora(model: nn.Module, settings: LoraSettings | dict[str, Any]) -> nn.
     # PEFT's new modules (LoRA dropout) start in training mode: follow the model's mode instead
     model.train(model.training)
     model._memllm_lora = settings
+    return model
+
+
+def peft_config(settings: LoraSettings | dict[str, Any], base_model: str | None = None):
+    """PEFT's ``LoraConfig`` for ``settings`` (a causal-LM adapter of ``base_model``)."""
+    from peft import LoraConfig
+
+    settings = _settings(settings)
+    return LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=list(settings.target_modules),
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model or None,
+    )
+
+
+# PEFT LoRA options memllm does not reproduce, with the value that means "not used"
+_UNSUPPORTED_PEFT = {
+    "bias": "none",
+    "use_dora": False,
+    "use_rslora": False,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "layer_replication": None,
+}
+
+
+def settings_from_peft(data: dict[str, Any], source: str = "adapter_config.json") -> LoraSettings:
+    """The :class:`LoraSettings` of a PEFT ``adapter_config.json`` mapping, strictly: a LoRA
+    option memllm would not reproduce (DoRA, rsLoRA, per-layer ranks, ...) is an error."""
+    if data.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{source}: peft_type {data.get('peft_type')!r} is not LORA")
+    for key, unused in _UNSUPPORTED_PEFT.items():
+        if data.get(key, unused) not in (unused, None, {}, [], False, "none"):
+            raise CheckpointError(f"{source}: {key}={data[key]!r} is not supported by memllm")
+    targets = data.get("target_modules")
+    if not isinstance(targets, list) or not targets:
+        raise CheckpointError(
+            f"{source}: target_modules must be a list of module names, got {targets!r}"
+        )
+    try:
+        return LoraSettings(
+            rank=int(data["r"]),
+            alpha=float(data["lora_alpha"]),
+            dropout=float(data.get("lora_dropout", 0.0)),
+            target_modules=sorted(targets),
+        )
+    except KeyError as err:
+        raise CheckpointError(f"{source}: {err.args[0]} is missing") from None
+    except (ConfigError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{source}: {err}") from None
+
+
+def remove_lora(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_lora`: put the original layers back (a failed load rolls back with it)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, module.get_base_layer())
+    for attr in ("peft_config", "_memllm_lora"):
+        if attr in vars(model):
+            delattr(model, attr)
     return model
 
 
@@ -103,6 +173,11 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def lora_config_dict(model: nn.Module) -> dict[str, Any]:
     return to_dict(model._memllm_lora)
+
+
+def lora_settings(model: nn.Module) -> LoraSettings | None:
+    """The settings :func:`apply_lora` was called with (None without LoRA)."""
+    return getattr(model, "_memllm_lora", None)
 
 
 def _wrapper_pattern(model: nn.Module) -> re.Pattern:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -100,6 +101,112 @@ class SegmentOutput:
     num_tokens: int
 
 
+# What a segment runner is given and returns: ``(start, end, keep) -> logits | None``. ``keep``
+# None: the segment has no labels and its logits are not wanted (the runner only has to update
+# the memory); 0: logits at every position; n > 0: at the last n positions at least.
+SegmentRunner = Callable[[int, int, int | None], Tensor | None]
+
+
+def shifted_targets(labels: Tensor) -> Tensor:
+    """``targets[t]`` = the token the logits at t predict: labels shifted left by one over the
+    whole input, so a token that opens a segment is still predicted, by the previous segment's
+    last position."""
+    targets = torch.full_like(labels, -100)
+    targets[:, :-1] = labels[:, 1:]
+    return targets
+
+
+def segment_loss(
+    run_segment: SegmentRunner,
+    labels: Tensor | None,
+    *,
+    length: int,
+    segment_length: int,
+    session: MemorySession | None = None,
+    bptt_segments: int | None = None,
+    keep_logits: bool = False,
+) -> SegmentOutput:
+    """The one segment loop: run ``run_segment`` on each segment, sum the token losses.
+
+    Everything that computes a loss segment by segment goes through here (a memory model's
+    :func:`forward_segments`, the trainer's plain-window forward, the feature cache's cached
+    forward), so segment bounds, target shifting, truncated back-propagation, the logits kept
+    and the loss normalisation are one piece of code; the runner only says how one segment's
+    logits are made.
+
+    Args:
+        run_segment: computes segment ``[start, end)`` (see :data:`SegmentRunner`); the logits
+            it returns cover the segment's last positions (their count is what is scored).
+        labels: (B, length), -100 for tokens without loss; None for no loss.
+        length: tokens of the input.
+        segment_length: tokens per segment (aligned to the end of the input).
+        session: the memory session the runner's model writes into: its regulariser loss is
+            averaged over segments and its state detached every ``bptt_segments`` segments.
+            None for a model without memory (no regulariser).
+        bptt_segments: gradients flow through the memory across at most this many segments.
+        keep_logits: ask for (and return) the last segment's logits at every position.
+    """
+    bounds = segment_bounds(length, segment_length)
+    targets = shifted_targets(labels) if labels is not None else None
+    total_loss = None
+    total_tokens = 0
+    aux_losses = []
+    logits = None
+    for k, (start, end) in enumerate(bounds):
+        if session is not None and bptt_segments and k > 0 and k % bptt_segments == 0:
+            session.detach()
+        seg_targets = targets[:, start:end] if targets is not None else None
+        full = keep_logits and k == len(bounds) - 1
+        labelled = seg_targets is not None and bool((seg_targets != -100).any())
+        out = run_segment(
+            start, end, _logits_to_keep(seg_targets, full) if full or labelled else None
+        )
+        if session is not None:
+            aux_losses.append(session.aux_loss())
+        if labelled and out is not None:
+            seg_targets = seg_targets[:, -out.shape[1] :]
+            total_loss = _add(total_loss, _token_loss_sum(out, seg_targets))
+            total_tokens += int((seg_targets != -100).sum())
+        logits = out if full else None
+    mean_loss = total_loss / total_tokens if total_loss is not None else None
+    aux = sum(aux_losses) / len(aux_losses) if aux_losses else 0.0
+    return SegmentOutput(mean_loss, logits, aux, len(bounds), total_tokens)
+
+
+def _token_loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy over the labelled positions (float32 whatever the logits' dtype)."""
+    return nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+def _add(total: Tensor | None, value: Tensor) -> Tensor:
+    return value if total is None else total + value
+
+
+def check_segment_inputs(
+    input_ids: Tensor, attention_mask: Tensor | None, labels: Tensor | None, segment_length: int
+) -> None:
+    """Refuse inputs of mismatched shapes with a ValueError that names them."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {tuple(input_ids.shape)}")
+    for name, tensor in (("attention_mask", attention_mask), ("labels", labels)):
+        if tensor is not None and tensor.shape != input_ids.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)}; it must match input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
+    if (
+        isinstance(segment_length, bool)
+        or not isinstance(segment_length, int)
+        or segment_length < 1
+    ):
+        raise ValueError(f"segment_length must be a positive integer, got {segment_length!r}")
+
+
 def forward_segments(
     model: nn.Module,
     input_ids: Tensor,
@@ -122,7 +229,13 @@ def forward_segments(
             most this many segments (None: through all of them).
         keep_logits: return the last segment's full logits; when False, logits are computed only
             where there are labels (much faster for QA training).
+
+    Raises:
+        ValueError: ``input_ids`` is not (B, T), ``attention_mask`` or ``labels`` is not the
+            same shape (a shorter one would silently cover only part of the input), or
+            ``segment_length`` is not positive.
     """
+    check_segment_inputs(input_ids, attention_mask, labels, segment_length)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if session is None:
@@ -137,46 +250,30 @@ def forward_segments(
                 bptt_segments=bptt_segments,
                 keep_logits=keep_logits,
             )
-    bounds = segment_bounds(input_ids.shape[1], segment_length)
-    # targets[t] is the token that the logits at t predict (labels shifted by one over the whole
-    # input), so a token that opens a segment is still predicted, by the previous segment's end
-    targets = None
-    if labels is not None:
-        targets = torch.full_like(labels, -100)
-        targets[:, :-1] = labels[:, 1:]
-    total_loss = None
-    total_tokens = 0
-    aux_losses = []
-    logits = None
-    for k, (start, end) in enumerate(bounds):
-        if bptt_segments and k > 0 and k % bptt_segments == 0:
-            session.detach()
-        ids = input_ids[:, start:end]
-        mask = attention_mask[:, start:end]
-        seg_targets = targets[:, start:end] if targets is not None else None
-        is_last = k == len(bounds) - 1
-        keep = _logits_to_keep(seg_targets, full=keep_logits and is_last)
-        out = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=positions_from_mask(mask),
-            use_cache=False,
-            **logits_to_keep_kwargs(model, keep),
-        )
-        aux_losses.append(session.aux_loss())
-        if seg_targets is not None:
-            seg_targets = seg_targets[:, -out.logits.shape[1] :]
-            n = int((seg_targets != -100).sum())
-            if n:
-                loss = nn.functional.cross_entropy(
-                    out.logits.float().reshape(-1, out.logits.shape[-1]),
-                    seg_targets.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                )
-                total_loss = loss if total_loss is None else total_loss + loss
-                total_tokens += n
-        logits = out.logits if (keep_logits and is_last) else None
-    mean_loss = total_loss / total_tokens if total_loss is not None else None
-    aux = sum(aux_losses) / len(aux_losses)
-    return SegmentOutput(mean_loss, logits, aux, len(bounds), total_tokens)
+
+    def run(start: int, end: int, keep: int | None) -> Tensor:
+        # a segment without labels still runs (it writes the memory), with one position's logits
+        return model_logits(model, input_ids[:, start:end], attention_mask[:, start:end], keep)
+
+    return segment_loss(
+        run,
+        labels,
+        length=input_ids.shape[1],
+        segment_length=segment_length,
+        session=session,
+        bptt_segments=bptt_segments,
+        keep_logits=keep_logits,
+    )
+
+
+def model_logits(model: nn.Module, ids: Tensor, mask: Tensor, keep: int | None) -> Tensor:
+    """One plain forward call of ``model`` on a (segment of a) left-padded batch: its logits at
+    the last ``keep`` positions (0: all; None: one, when none are needed)."""
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions_from_mask(mask),
+        use_cache=False,
+        **logits_to_keep_kwargs(model, 1 if keep is None else keep),
+    )
+    return out.logits

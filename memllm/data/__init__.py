@@ -1,4 +1,5 @@
-"""Tasks: BabiLong, HotpotQA, ZsRE and a pretraining corpus, with their official formats.
+"""Tasks: BabiLong, HotpotQA, ZsRE, recall and a pretraining corpus, with their
+official formats (recall: :mod:`memllm.data.recall`, the recall ladder's first rung).
 
 The rest of memllm sees every benchmark through one small interface::
 
@@ -21,14 +22,21 @@ The rest of memllm sees every benchmark through one small interface::
   :func:`memllm.data.zsre.teacher_forced_metrics` computes ZsRE's model-based accuracies;
   ``CorpusTask.token_sequences(tokenizer, seq_len, split)`` packs the corpus
   (its examples have empty prompt/target and ``meta["text"]``).
+* Evaluation hooks, with defaults on :class:`~memllm.data.base.Task` (which task classes
+  subclass): ``model_scores(model, tokenizer, examples, reading)`` (scores that need the model:
+  HotpotQA's supporting facts, ZsRE's teacher-forced accuracies), ``breakdown(examples,
+  tokenizer, reading)`` (BabiLong: the questions by where their facts are) and
+  ``checkpoint_heads`` (a head saved with a memory); ``reading`` says how the arm reads inputs.
 * :func:`build_task` — ``options`` are the task's own strict dataclass fields
   (:class:`~memllm.data.babilong.BabiLongOptions`, :class:`~memllm.data.hotpotqa.HotpotQAOptions`,
-  :class:`~memllm.data.zsre.ZsREOptions`, :class:`~memllm.data.corpus.CorpusOptions`); an unknown
+  :class:`~memllm.data.zsre.ZsREOptions`, :class:`~memllm.data.recall.RecallOptions`,
+  :class:`~memllm.data.corpus.CorpusOptions`); an unknown
   key or a bad value is a :class:`~memllm.errors.ConfigError` naming it (and ``source_file``).
 * :data:`TASKS` — the registry: name → :class:`TaskSpec`.
 
-Around the tasks: :mod:`memllm.evaluation.metrics` (the official scorers, usable on any
-system's files),
+Around the tasks: each task's official metric beside it (:mod:`memllm.data.babilong_metric`,
+:mod:`memllm.data.hotpotqa_metric`, :mod:`memllm.data.zsre_metric`; usable on any system's
+files),
 :mod:`memllm.data.supporting_facts` (``SupportingFactHead``, sentence token spans, turning scores
 into ``[[title, sent_id], ...]``, the official prediction file), :mod:`memllm.data.distractors`
 (offline books: ``memllm data fetch``), :mod:`memllm.data.babi` (the bAbI files),
@@ -99,6 +107,13 @@ TASKS: dict[str, TaskSpec] = {
         "CorpusOptions",
         "CorpusTask",
         "plain text for LM pretraining of the memory, packed into fixed-length rows",
+    ),
+    "recall": TaskSpec(
+        "recall",
+        "memllm.data.recall",
+        "RecallOptions",
+        "RecallTask",
+        "K key->value facts hidden in book text, one key asked; closed-set match, known chance",
     ),
 }
 

@@ -3,7 +3,9 @@
 Line format: ``ID text`` for a fact, ``ID question<TAB>answer<TAB>supporting IDs`` for a
 question; IDs restart at 1 with each story. As BabiLong does, every question becomes one sample
 whose facts are all the story's non-question lines before it, in order (earlier questions are
-dropped), and whose supporting facts are indices into those facts.
+dropped), and whose supporting facts are indices into those facts. Each sample names its story
+(``story``: file and first line), so that splits can be kept apart story by story
+(:func:`group_stories`).
 
 Where the data is looked for (first hit): the ``path`` given, ``$MEMLLM_BABI``,
 ``cache_dir()/data/babi``, then ``shared/data/babi`` in or beside the repository checkout and the
@@ -59,6 +61,7 @@ class BabiSample:
     answer: str
     supporting: tuple[int, ...]  # indices into ``facts``
     source: str  # "file:line"
+    story: str = ""  # "file:first line" of the story the question belongs to
 
 
 def task_number(task: str) -> int:
@@ -137,6 +140,7 @@ def parse_babi(text: str, task: str, source: str) -> list[BabiSample]:
     facts: list[str] = []
     line_to_fact: dict[int, int] = {}
     previous_id = 0
+    story = f"{source}:1"
     for lineno, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
@@ -147,6 +151,7 @@ def parse_babi(text: str, task: str, source: str) -> list[BabiSample]:
         line_id = int(head)
         if line_id == 1 or line_id <= previous_id:
             facts, line_to_fact = [], {}
+            story = where
         previous_id = line_id
         if "\t" not in rest:
             line_to_fact[line_id] = len(facts)
@@ -161,8 +166,22 @@ def parse_babi(text: str, task: str, source: str) -> list[BabiSample]:
             supporting = tuple(line_to_fact[int(r)] for r in refs)
         except (KeyError, ValueError):
             raise DataError(f"{where}: supporting fact IDs {refs} do not name facts") from None
-        samples.append(BabiSample(task, tuple(facts), question, answer, supporting, where))
+        samples.append(BabiSample(task, tuple(facts), question, answer, supporting, where, story))
     return samples
+
+
+def group_stories(samples: Iterable[BabiSample]) -> dict[str, list[BabiSample]]:
+    """The samples of each story, in file order (story id → its questions' samples)."""
+    stories: dict[str, list[BabiSample]] = {}
+    for sample in samples:
+        stories.setdefault(sample.story or sample.source, []).append(sample)
+    return stories
+
+
+def story_text(samples: list[BabiSample]) -> str:
+    """What a story says: the facts before its last question (every fact of a bAbI story),
+    joined. Two stories with the same text are the same story, whatever file they are in."""
+    return " ".join(max(samples, key=lambda s: len(s.facts)).facts)
 
 
 def load_babi(
@@ -176,3 +195,22 @@ def load_babi(
         raise DataError(f"bAbI split must be train or test, got {split!r}")
     text, source = read_babi_text(find_babi(path), task, split, lang)
     return parse_babi(text, task, source)
+
+
+_MOVE = re.compile(r"([A-Z]\w*) (?:went back|went|moved|travelled|journeyed) to the (\w+)\.")
+
+
+def where_questions(facts: tuple[str, ...] | list[str]) -> list[tuple[str, str, int]]:
+    """qa1 at the end of a story: ``(question, answer, supporting fact index)`` for every person
+    the facts move, in order of first mention — "Where is X?" answered by X's latest move.
+
+    Raises:
+        DataError: a fact that is not a qa1 move ("X went to the Y.").
+    """
+    latest: dict[str, tuple[str, int]] = {}
+    for i, fact in enumerate(facts):
+        m = _MOVE.fullmatch(fact.strip())
+        if not m:
+            raise DataError(f"not a qa1 fact (X went to the Y.): {fact!r}")
+        latest[m.group(1)] = (m.group(2), i)
+    return [(f"Where is {who}?", place, i) for who, (place, i) in latest.items()]

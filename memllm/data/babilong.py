@@ -32,9 +32,24 @@ Prompts: ``official`` is the benchmark's formatted input (instruction, examples,
 each switchable, see :mod:`memllm.data.babilong_prompts`) and ``plain`` is
 ``{context}\\n\\nQuestion: {question}``; both are followed by ``answer_prefix`` (default
 ``"\\nAnswer:"``, so the target is ``" " + answer``; set it to ``""`` for the benchmark's exact
-input). Scoring is the benchmark's ``compare_answers`` (:mod:`memllm.evaluation.metrics`).
-Validation always
-comes from train files, held out from the train samples.
+input). Scoring is the benchmark's ``compare_answers`` (:mod:`memllm.data.babilong_metric`).
+Validation always comes from train files, held out from the train samples.
+
+``question_segment: own`` keeps the context apart from the rest of the prompt (instruction,
+few-shot examples, post-prompt, question, answer cue), which the encoder puts alone in the last
+segment (:mod:`memllm.data.layout`): memory arms then read the official instruction with the
+question instead of losing it in the first segment, and ``window`` is at chance by
+construction. ``base`` still reads the whole prompt inline.
+
+Splits never share a story (built offline): validation is made of whole train-file stories held
+out from train, and no train or validation story tells the same facts as a story of the test
+file (``qa4``'s two-fact stories often do; ``qa17``'s sometimes). A check refuses to build
+splits that share a story (:func:`memllm.data.base.check_disjoint_splits`).
+
+``questions_per_story: all`` (``qa1`` only, train split only): each train story becomes one
+example per person it moves ("Where is X?" after the whole story, answered with X's latest
+place), all sharing one context (``meta["context_id"]``); ``num_train`` then counts stories.
+Validation and test keep one question per context, so that their questions stay independent.
 """
 
 from __future__ import annotations
@@ -46,20 +61,26 @@ from pathlib import Path
 from typing import Any, Literal
 
 from memllm.core.config import check
-from memllm.data.babi import BabiSample, load_babi
-from memllm.data.babilong_prompts import format_official
+from memllm.data.babi import BabiSample, group_stories, load_babi, story_text, where_questions
+from memllm.data.babilong_metric import babilong_compare_answers, babilong_labels
+from memllm.data.babilong_prompts import OFFICIAL_PROMPTS, TEMPLATE, format_official
 from memllm.data.base import (
+    SPLITS,
+    Breakdown,
     Example,
+    Reading,
+    Task,
     answer_target,
+    check_disjoint_splits,
     check_lengths,
     check_split,
     read_json_records,
     rng_for,
     tokenizer_for,
 )
-from memllm.data.distractors import Document, load_documents, split_sentences
+from memllm.data.distractors import load_documents
+from memllm.data.haystack import SentencePool, TokenCounter, build_context
 from memllm.errors import DataError
-from memllm.evaluation.metrics import babilong_compare_answers, babilong_labels
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +134,17 @@ class BabiLongOptions:
     answer_prefix: str = "\nAnswer:"
     seed: int = 42
     tokenizer: str = field(default="smollm2-135m", metadata={"help": "counts length tokens"})
+    question_segment: Literal["inline", "own"] = field(
+        default="inline",
+        metadata={
+            "help": "own: the context fills the earlier segments, the last segment holds only "
+            "instruction, examples, question and answer cue"
+        },
+    )
+    questions_per_story: Literal["one", "all"] = field(
+        default="one",
+        metadata={"help": "all (qa1): one train example per person of a story, one context"},
+    )
 
     def __post_init__(self) -> None:
         check(bool(self.tasks), "tasks", "give at least one task (qa1 … qa20)")
@@ -143,156 +175,16 @@ class BabiLongOptions:
             "distractor_test_fraction",
             "must be in [0, 1)",
         )
+        check(
+            self.questions_per_story == "one" or set(self.tasks) == {"qa1"},
+            "questions_per_story",
+            "all is defined for qa1 only (where every person's latest place is known)",
+        )
 
 
 # --------------------------------------------------------------------------------------------
-# building samples
+# building samples (the haystack itself: memllm.data.haystack)
 # --------------------------------------------------------------------------------------------
-
-
-class TokenCounter:
-    """Counts and cuts text in tokens of one tokenizer (no special tokens)."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-
-    def ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-
-    def count(self, text: str) -> int:
-        return len(self.ids(text))
-
-    def count_many(self, texts: list[str]) -> list[int]:
-        if not texts:
-            return []
-        out = self.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
-        return [len(x) for x in out]
-
-    def head(self, text: str, n: int) -> str:
-        """The first ``n`` tokens of ``text``, decoded."""
-        return self.tokenizer.decode(self.ids(text)[:n])
-
-
-class SentencePool:
-    """Distractor sentences of one split region, their token counts computed on demand.
-
-    Each sentence is counted as it appears in a context: preceded by a space.
-    """
-
-    CHUNK = 256
-
-    def __init__(
-        self,
-        documents: list[Document],
-        counter: TokenCounter,
-        *,
-        min_tokens: int = 10,
-        part: tuple[float, float] = (0.0, 1.0),
-    ):
-        self.counter = counter
-        self.min_tokens = min_tokens
-        self.sentences: list[str] = []
-        for doc in documents:
-            sents = [s for p in doc.paragraphs for s in split_sentences(p)]
-            lo, hi = int(len(sents) * part[0]), int(len(sents) * part[1])
-            self.sentences.extend(sents[lo:hi])
-        if not self.sentences:
-            raise DataError("the distractor source has no sentences for this split")
-        self._counts: list[int] = [-1] * len(self.sentences)
-        self._warned = False
-
-    def count(self, i: int) -> int:
-        if self._counts[i] < 0:
-            lo = (i // self.CHUNK) * self.CHUNK
-            hi = min(lo + self.CHUNK, len(self.sentences))
-            counts = self.counter.count_many([" " + s for s in self.sentences[lo:hi]])
-            self._counts[lo:hi] = counts
-        return self._counts[i]
-
-    def take(self, budget: int, rng) -> list[str]:
-        """Consecutive sentences from a random point, ``budget`` tokens in all (the last cut)."""
-        return self.take_counted(budget, rng)[0]
-
-    def take_counted(self, budget: int, rng) -> tuple[list[str], int]:
-        """:meth:`take` and the sentences' token count (each counted after a space)."""
-        if budget <= 0:
-            return [], 0
-        n = len(self.sentences)
-        i = rng.randrange(n)
-        out: list[str] = []
-        total = visited = 0
-        while total < budget:
-            c = self.count(i)
-            if c >= self.min_tokens:
-                text = self.sentences[i]
-                if total + c > budget:  # cut the last sentence to land on the budget
-                    text = self.counter.head(" " + text, budget - total).strip()
-                    if text:
-                        out.append(text)
-                        total += self.counter.count(" " + text)
-                    break
-                out.append(text)
-                total += c
-            i = (i + 1) % n
-            visited += 1
-            if visited == n:
-                if total == 0:
-                    raise DataError(
-                        f"no distractor sentence has at least {self.min_tokens} tokens "
-                        "(lower min_sentence_tokens or use another distractor source)"
-                    )
-                if not self._warned:
-                    log.warning("the distractor text is shorter than one context: it repeats")
-                    self._warned = True
-        return out, total
-
-
-@dataclass
-class BuiltContext:
-    context: str
-    fact_spans: list[tuple[int, int]]  # character spans of the facts in the context
-    distractor_sentences: int
-    tokens: int  # the pieces' token counts summed, each counted as placed (exact for byte BPE)
-
-
-def build_context(
-    facts: list[str], budget: int, pool: SentencePool | None, counter: TokenCounter, rng
-) -> BuiltContext:
-    """Scatter ``facts`` in order through distractor text so the context has ``budget`` tokens.
-
-    With ``budget == 0`` (``0k``) or when the facts alone exceed the budget, the context is the
-    facts alone.
-    """
-    background: list[str] = []
-    fact_tokens = sum(counter.count_many([" " + f for f in facts]))
-    background_tokens = 0
-    if budget > 0 and pool is not None:
-        if fact_tokens < budget:
-            background, background_tokens = pool.take_counted(budget - fact_tokens, rng)
-        else:
-            log.warning("the facts alone (%d tokens) exceed the budget of %d", fact_tokens, budget)
-    positions = sorted(rng.choices(range(len(background) + 1), k=len(facts)))
-    pieces: list[tuple[str, bool]] = []
-    fi = 0
-    for slot in range(len(background) + 1):
-        while fi < len(facts) and positions[fi] == slot:
-            pieces.append((facts[fi], True))
-            fi += 1
-        if slot < len(background):
-            pieces.append((background[slot], False))
-    parts, spans, pos = [], [], 0
-    for text, is_fact in pieces:
-        if parts:
-            pos += 1  # the joining space
-        if is_fact:
-            spans.append((pos, pos + len(text)))
-        parts.append(text)
-        pos += len(text)
-    context = " ".join(parts)
-    tokens = fact_tokens + background_tokens
-    if parts:  # the first piece was counted after a space but has none
-        tokens += counter.count(parts[0]) - counter.count(" " + parts[0])
-    return BuiltContext(context, spans, len(background), tokens)
 
 
 def format_prompt(task: str, context: str, question: str, options: BabiLongOptions) -> str:
@@ -311,6 +203,24 @@ def format_prompt(task: str, context: str, question: str, options: BabiLongOptio
     return text + options.answer_prefix
 
 
+def format_parts(
+    task: str, context: str, question: str, options: BabiLongOptions
+) -> tuple[str, str]:
+    """``(context part, question part)`` of one sample under ``question_segment: own``: the
+    context block, and everything else of the prompt (instruction, examples, post-prompt,
+    question, answer prefix) in the order the official template gives it."""
+    if options.prompt == "official":
+        parts = OFFICIAL_PROMPTS[task]
+        rest = TEMPLATE.replace("<context>\n{context}\n</context>\n\n", "").format(
+            instruction=parts["instruction"] if options.instruction else "",
+            examples=parts["examples"] if options.examples else "",
+            post_prompt=parts["post_prompt"] if options.post_prompt else "",
+            question=question,
+        )
+        return f"<context>\n{context.strip()}\n</context>", rest.strip() + options.answer_prefix
+    return context.strip(), f"Question: {question}{options.answer_prefix}"
+
+
 # --------------------------------------------------------------------------------------------
 # published layouts (hub or local files)
 # --------------------------------------------------------------------------------------------
@@ -324,10 +234,17 @@ def supporting_facts_in_window(text: str, example, tokenizer, window: int) -> bo
     segments held. The facts are searched in story order, each after the previous one, so a
     sentence that occurs twice is placed right. ``None`` when the example carries no facts
     (BabiLong's own files do not) or a fact is not in ``text``.
+
+    An example laid out with its question in its own segment (``example.question_part`` set)
+    has every fact before the last segment whatever ``window`` is (False), as long as its facts
+    are in its context part.
     """
     facts, supporting = example.meta.get("facts"), example.meta.get("supporting")
     if not facts or not supporting:
         return None
+    if getattr(example, "question_part", None) is not None:
+        context = example.context_part or ""
+        return False if all(f in context for f in facts) else None
     starts, at = [], 0
     for fact in facts:
         at = text.find(fact, at)
@@ -400,7 +317,7 @@ def load_hub(dataset: str, task: str, length: str) -> list[dict[str, str]]:
 # --------------------------------------------------------------------------------------------
 
 
-class BabiLongTask:
+class BabiLongTask(Task):
     """``task: babilong``: examples per task and length, scored by the official checker."""
 
     name = "babilong"
@@ -411,6 +328,8 @@ class BabiLongTask:
         self._cache: dict[tuple[str, str, str], list[Example]] = {}
         self._pools: dict[str, SentencePool] = {}
         self._counter: TokenCounter | None = None
+        self._train_split: dict[str, tuple[list[BabiSample], list[list[BabiSample]]]] = {}
+        self._checked: set[str] = set()
 
     @property
     def counter(self) -> TokenCounter:
@@ -426,17 +345,78 @@ class BabiLongTask:
             pool = load_babi(task, "test", lang="en", path=o.babi_path)
             rng = rng_for(o.seed, "babi-test", task)
             return [pool[i] for i in rng.sample(range(len(pool)), min(o.num_test, len(pool)))]
+        validation, train_stories = self._held_out(task)
+        if split == "validation":
+            return validation
+        if o.questions_per_story == "all":  # one sample (the whole story) per train story
+            chosen = [max(g, key=lambda x: len(x.facts)) for g in train_stories[: o.num_train]]
+        else:
+            candidates = [sample for group in train_stories for sample in group]
+            rng = rng_for(o.seed, "babi-train", task)
+            chosen = rng.sample(candidates, min(o.num_train, len(candidates)))
+        if len(chosen) < o.num_train:
+            log.warning("%s: only %d train samples after validation", task, len(chosen))
+        return chosen
+
+    def _held_out(self, task: str) -> tuple[list[BabiSample], list[list[BabiSample]]]:
+        """Validation samples (whole held-out stories) and the train stories (shuffled), from
+        the train file, without the stories that the test file also tells."""
+        if task in self._train_split:
+            return self._train_split[task]
+        o = self.options
         try:
             pool = load_babi(task, "train", lang="en-10k", path=o.babi_path)
         except DataError:
             log.info("%s: no en-10k train file; using the en train file", task)
             pool = load_babi(task, "train", lang="en", path=o.babi_path)
-        order = rng_for(o.seed, "babi-train", task).sample(range(len(pool)), len(pool))
-        n_val = min(o.num_validation, len(order))
-        chosen = order[:n_val] if split == "validation" else order[n_val : n_val + o.num_train]
-        if split == "train" and len(chosen) < o.num_train:
-            log.warning("%s: only %d train samples after validation", task, len(chosen))
-        return [pool[i] for i in chosen]
+        test = load_babi(task, "test", lang="en", path=o.babi_path)
+        in_test = {story_text(g) for g in group_stories(test).values()}
+        by_text: dict[str, list[BabiSample]] = {}  # one story may be told twice in a file
+        for group in group_stories(pool).values():
+            by_text.setdefault(story_text(group), []).extend(group)
+        texts = [t for t in by_text if t not in in_test]
+        if len(texts) < len(by_text):
+            log.info(
+                "%s: %d train stories are also test stories; left out",
+                task,
+                len(by_text) - len(texts),
+            )
+        texts = rng_for(o.seed, "babi-train-stories", task).sample(texts, len(texts))
+        validation: list[BabiSample] = []
+        used = 0
+        while len(validation) < o.num_validation and used < len(texts):
+            validation.extend(by_text[texts[used]])
+            used += 1
+        # the rest of the last validation story is used by neither split
+        result = validation[: o.num_validation], [by_text[t] for t in texts[used:]]
+        self._train_split[task] = result
+        return result
+
+    def check_splits(self, task: str) -> None:
+        """Refuse to build offline splits of ``task`` that share a story (a DataError naming
+        both splits and the story)."""
+        if task in self._checked:
+            return
+        texts: dict[str, str] = {}
+        for lang, file_split in (("en", "test"), ("en-10k", "train"), ("en", "train")):
+            try:
+                pool = load_babi(task, file_split, lang=lang, path=self.options.babi_path)
+            except DataError:
+                continue
+            for group in group_stories(pool).values():
+                texts.setdefault(group[0].story or group[0].source, story_text(group))
+        check_disjoint_splits(
+            {
+                split: [
+                    texts.get(x.story or x.source, x.story) for x in self.babi_samples(split, task)
+                ]
+                for split in SPLITS
+            },
+            "the story",
+            lambda text: repr(text if len(text) <= 80 else text[:77] + "..."),
+            task=f"babilong {task}",
+        )
+        self._checked.add(task)
 
     def pool(self, split: str) -> SentencePool:
         kind = "test" if split == "test" else "train"
@@ -479,6 +459,8 @@ class BabiLongTask:
     def _build(self, split: str, task: str, length: str) -> list[Example]:
         source = self._source_for(split)
         if source == "offline":
+            if all(self._source_for(s) == "offline" for s in SPLITS):
+                self.check_splits(task)
             return self._build_offline(split, task, length)
         return self._from_records(split, task, length, source)
 
@@ -496,27 +478,35 @@ class BabiLongTask:
             disable=None if budget * len(samples) > 2_000_000 else True,
             leave=False,
         )
+        dense = split == "train" and o.questions_per_story == "all"
         for i, sample in enumerate(bar):
             rng = rng_for(o.seed, split, task, length, i)
             built = build_context(list(sample.facts), budget, pool, self.counter, rng)
-            examples.append(
-                self._example(
-                    f"babilong/{task}/{length}/{split}/{i}",
-                    task,
-                    length,
-                    built.context,
-                    sample.question,
-                    sample.answer,
-                    {
-                        "facts": list(sample.facts),
-                        "supporting": list(sample.supporting),
-                        "fact_spans": built.fact_spans,
-                        "target_context_tokens": budget,
-                        "context_tokens": built.tokens,
-                        "babi_source": sample.source,
-                    },
+            context_id = f"babilong/{task}/{length}/{split}/{i}"
+            shared = {
+                "facts": list(sample.facts),
+                "fact_spans": built.fact_spans,
+                "target_context_tokens": budget,
+                "context_tokens": built.tokens,
+                "babi_source": sample.source,
+                "context_id": context_id,
+            }
+            if dense:
+                questions = where_questions(sample.facts)
+            else:
+                questions = [(sample.question, sample.answer, *sample.supporting)]
+            for j, (question, answer, *supporting) in enumerate(questions):
+                examples.append(
+                    self._example(
+                        f"{context_id}/q{j}" if dense else context_id,
+                        task,
+                        length,
+                        built.context,
+                        question,
+                        answer,
+                        {**shared, "supporting": list(supporting)},
+                    )
                 )
-            )
         return examples
 
     def _from_records(self, split: str, task: str, length: str, source: str) -> list[Example]:
@@ -560,7 +550,12 @@ class BabiLongTask:
             "answer": answer.strip(),
             **extra,
         }
-        return Example(id_, prompt, answer_target(prompt, answer), meta)
+        example = Example(id_, prompt, answer_target(prompt, answer), meta)
+        if self.options.question_segment == "own":
+            example.context_part, example.question_part = format_parts(
+                task, context, question, self.options
+            )
+        return example
 
     # -- scoring -------------------------------------------------------------------------------
     def score(self, examples: list[Example], outputs: list[str]) -> dict[str, list[float]]:
@@ -579,3 +574,29 @@ class BabiLongTask:
                 for ex, out in zip(examples, outputs, strict=True)
             ]
         }
+
+    def breakdown(self, examples: list[Example], tokenizer, reading: Reading) -> Breakdown | None:
+        """The questions split by where their supporting facts are: all in the arms' last
+        segment, or starting earlier. None for BabiLong files, which do not say where their
+        facts are."""
+        if not all(ex.meta.get("facts") for ex in examples):
+            return None
+        from memllm.data.prompting import format_example
+
+        window = reading.segment_length
+        labels = {}
+        for ex in examples:
+            text = format_example(tokenizer, ex.prompt, ex.target, reading.chat)[0]
+            inside = supporting_facts_in_window(text, ex, tokenizer, window)
+            if inside is None:
+                return None
+            labels[ex.id] = "facts in window" if inside else "facts earlier"
+        return Breakdown(
+            "where the supporting facts are",
+            labels,
+            f"BabiLong questions split by whether every supporting fact lies in the last {window} "
+            "tokens of the prompt (the window and memory arms' last segment: answerable without a "
+            "memory) or starts earlier (only a memory, or base's whole window, can bring it to "
+            "the answer).",
+            order=("facts in window", "facts earlier"),
+        )

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from memllm.core.config import check
-from memllm.data.base import Example, check_split, stable_seed
+from memllm.data.base import Example, Task, check_split, stable_seed
 from memllm.data.distractors import BOOK_SOURCES, Document, load_documents
 from memllm.errors import DataError
 
@@ -108,7 +108,7 @@ def pieces(doc: Document, max_chars: int) -> list[str]:
     return out
 
 
-class CorpusTask:
+class CorpusTask(Task):
     """``task: corpus``: documents for LM pretraining (``prompt`` and ``target`` are empty;
     ``meta["text"]`` holds the text) and :meth:`token_sequences` for packed rows."""
 

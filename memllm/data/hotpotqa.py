@@ -27,32 +27,33 @@ one line per sentence, ``[k] sentence`` (k = sent_id), then ``Question: …`` an
 ``answer_prefix`` (default ``"\\nAnswer:"``). ``meta["sentences"]`` holds ``[title, sent_id,
 char_start, char_end]`` of each marked line in the prompt, for the supporting-fact head
 (:mod:`memllm.data.supporting_facts`). Scoring is ``hotpot_evaluate_v1.py``
-(:func:`memllm.evaluation.metrics.hotpot_evaluate`) on the first line of each output.
+(:func:`memllm.data.hotpotqa_metric.hotpot_evaluate`) on the first line of each output.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from memllm.core.config import check
+from memllm.data.answers import first_line
 from memllm.data.base import (
     Example,
+    ModelScores,
+    Reading,
+    Task,
     answer_target,
     check_lengths,
     check_split,
     read_json_records,
     rng_for,
 )
+from memllm.data.hotpotqa_metric import hotpot_answer_scores, hotpot_joint_scores, hotpot_sp_scores
 from memllm.errors import DataError
-from memllm.evaluation.metrics import (
-    first_line,
-    hotpot_answer_scores,
-    hotpot_joint_scores,
-    hotpot_sp_scores,
-)
 
 log = logging.getLogger(__name__)
 
@@ -392,7 +393,7 @@ def build_offline(options: HotpotQAOptions) -> dict[str, list[dict[str, Any]]]:
 # --------------------------------------------------------------------------------------------
 
 
-class HotpotQATask:
+class HotpotQATask(Task):
     """``task: hotpotqa``: answer generation plus supporting facts, scored officially."""
 
     name = "hotpotqa"
@@ -491,6 +492,86 @@ class HotpotQATask:
             for k, v in zip(keys, values, strict=True):
                 out[k].append(float(v))
         return out
+
+    def model_scores(
+        self, model, tokenizer, examples: list[Example], reading: Reading
+    ) -> ModelScores:
+        """Each example's supporting facts, scored with its answer (``sp_*``, ``joint_*``).
+
+        An arm trained with the supporting-fact head (``train.supporting_facts_weight``) or
+        loaded with one uses it (``reading.heads["sp"]``, named after the trainer plug-in).
+        Every other arm (base, window, untrained, trained without the head) cannot predict
+        supporting facts zero-shot: it gets a probe, the same head trained on this arm's own
+        frozen final hidden states of the training examples. Features come from the arm's own
+        reading of the input (memory arms segment by segment, window and finetuned the last
+        ``segment_length`` tokens, base its whole window), so a sentence outside what the arm
+        sees gets no score and is never predicted. Writes the official prediction file
+        ``hotpot_predictions.json`` into ``reading.output_dir``.
+        """
+        from memllm.core.backbone import hidden_size
+        from memllm.core.inject import has_memory
+        from memllm.data.supporting_facts import write_hotpot_predictions
+        from memllm.training import sp_head as sp
+
+        start = time.perf_counter()
+        size, name, seed = hidden_size(model), reading.arm, reading.seed
+        how = {
+            "segment_length": reading.segment_length,
+            "chat": reading.chat,
+            "batch_size": reading.batch_size,
+        }
+        notes = [
+            f"supporting facts: sentences with head probability ≥ {sp.SELECT_THRESHOLD}, at least "
+            f"the {sp.SELECT_MIN_K} best (every HotpotQA question has two supporting paragraphs)"
+        ]
+        head = reading.heads.get("sp")
+        if head is not None:
+            notes.append(f"{name}: supporting facts from the SP head trained with the arm")
+        else:
+            # an arm trained on a corpus (no sentences) gets a probe of this task's train split
+            hotpot = getattr(reading.train_task, "name", None) == self.name
+            train = (reading.train_task if hotpot else self).examples("train")
+            probe = sp.build_head(size, seed)
+            features = sp.sentence_features(model, tokenizer, train, head=probe, **how)
+            head = sp.fit_probe(features, train, size, seed=seed)
+            notes.append(
+                f"{name}: supporting facts from a probe, the SP head trained {sp.PROBE_EPOCHS} "
+                f"epochs on this arm's frozen final hidden states of the {len(train)} training "
+                "examples (no SP training of the model itself)"
+                + (
+                    ""
+                    if has_memory(model)
+                    else f"; it reads the last {reading.segment_length} tokens of each input, "
+                    "sentences before them get no score"
+                )
+            )
+        head = head.to(next(model.parameters()).device)
+        features = sp.sentence_features(model, tokenizer, examples, head=head, **how)
+        facts = sp.predict_supporting_facts(head, features, examples)
+        scores = self.score(examples, list(reading.outputs), supporting_facts=facts)
+        if reading.output_dir is not None:
+            write_hotpot_predictions(
+                Path(reading.output_dir) / "hotpot_predictions.json",
+                [ex.meta["_id"] for ex in examples],
+                [first_line(o) for o in reading.outputs],
+                facts,
+            )
+        log.info("arm %s: supporting facts in %.1f s", name, time.perf_counter() - start)
+        kept = {k: v for k, v in scores.items() if k.startswith(("sp_", "joint_"))}
+        return ModelScores(kept, notes)
+
+    def checkpoint_heads(
+        self, checkpoint: str | Path, model, train: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """The supporting-fact head saved with a checkpoint's memory; strict when ``train``
+        trains the head (then a checkpoint without one is an error)."""
+        from memllm.core.backbone import hidden_size
+        from memllm.training import sp_head as sp
+
+        path = Path(checkpoint)
+        if train.get("supporting_facts_weight", 0) > 0 or (path / sp.SP_HEAD_FILE).is_file():
+            return {"sp": sp.load_sp_head(path, hidden_size(model))}
+        return {}
 
     @staticmethod
     def prediction_file(

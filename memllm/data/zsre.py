@@ -23,13 +23,14 @@ a folder, ``train_file`` / ``test_file``
 The prompt is ``template.format(question=…)`` (default ``"{question}"``, the raw question as
 ROME/MEMIT feed it); the target is ``" " + answer`` where ``answer`` is ``answers[0]``
 (``answer_field: alt`` switches to the edit target). Metrics and their definitions:
-:data:`memllm.evaluation.metrics.ZSRE_DEFINITIONS`; :func:`teacher_forced_metrics` computes the
+:data:`memllm.data.zsre_metric.ZSRE_DEFINITIONS`; :func:`teacher_forced_metrics` computes the
 teacher-forced ones with a model, :meth:`ZsRETask.score` the generation exact match.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,14 +38,18 @@ from typing import Any, Literal
 from memllm.core.config import check
 from memllm.data.base import (
     Example,
+    ModelScores,
+    Reading,
+    Task,
     answer_target,
     check_lengths,
     check_split,
     read_json_records,
     rng_for,
 )
+from memllm.data.zsre_metric import ZSRE_DEFINITIONS, zsre_exact_match
 from memllm.errors import DataError
-from memllm.evaluation.metrics import ZSRE_DEFINITIONS, teacher_forced_argmax, zsre_exact_match
+from memllm.evaluation.teacher_forcing import teacher_forced_argmax
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +288,7 @@ def build_offline(options: ZsREOptions) -> dict[str, list[dict[str, Any]]]:
 # --------------------------------------------------------------------------------------------
 
 
-class ZsRETask:
+class ZsRETask(Task):
     """``task: zsre``: relation questions, scored by generation exact match and (with a model)
     teacher-forced token / sequence accuracy."""
 
@@ -382,6 +387,53 @@ class ZsRETask:
             ]
         }
 
+    def model_scores(
+        self, model, tokenizer, examples: list[Example], reading: Reading
+    ) -> ModelScores:
+        """The teacher-forced accuracies of :func:`teacher_forced_metrics`, read as the arm reads.
+
+        The model reads each question as the arm reads it in generation: a memory arm writes
+        the earlier segments into a fresh memory per batch and reads the last one, the window
+        and finetuned arms see the last ``segment_length`` tokens, base its whole window.
+        Locality (``loc_unchanged``) compares with the bare backbone. A variant that some test
+        records lack (no paraphrase or locality question) is left out with a note: an interval
+        over a subset would not pair with the other metrics' examples.
+        """
+        start = time.perf_counter()
+        per = teacher_forced_metrics(
+            model,
+            tokenizer,
+            examples,
+            batch_size=reading.batch_size,
+            segment_length=reading.segment_length,
+            chat=reading.chat,
+            add_special_tokens=False,  # prompts are tokenised as in training and generation
+            reference_model=reading.reference_model() if reading.reference_model else None,
+        )
+        out = ModelScores(
+            notes=[
+                "zsre: token_acc, seq_acc and their rephrase_/loc_ variants are teacher-forced "
+                "on each arm's own reading of the question (memory arms segment by segment, "
+                "window and finetuned arms the last segment_length tokens, base the whole "
+                "input); loc_unchanged compares with the bare backbone"
+            ]
+        )
+        for metric, values in per.items():
+            missing = sum(v != v for v in values)  # nan: the record has no such question
+            if missing:
+                out.notes.append(
+                    f"zsre: {metric} not reported: {missing} of {len(values)} test records "
+                    "have no such question"
+                )
+            else:
+                out.scores[metric] = values
+        log.info(
+            "arm %s: zsre teacher-forced metrics in %.1f s",
+            reading.arm,
+            time.perf_counter() - start,
+        )
+        return out
+
 
 def _hub_file(repo: str, filename: str) -> str:
     try:
@@ -402,7 +454,7 @@ def teacher_forced_metrics(
     add_special_tokens: bool = True,
     reference_model=None,
 ) -> dict[str, list[float]]:
-    """Per-example teacher-forced metrics (see :data:`memllm.evaluation.metrics.ZSRE_DEFINITIONS`).
+    """Per-example teacher-forced metrics (see :data:`memllm.data.zsre_metric.ZSRE_DEFINITIONS`).
 
     ``token_acc`` / ``seq_acc`` on the question and ``meta["answer"]``; with paraphrases,
     ``rephrase_token_acc`` / ``rephrase_seq_acc`` (averaged over an example's paraphrases);
@@ -413,7 +465,7 @@ def teacher_forced_metrics(
     The defaults are ROME's construction (the raw prompt with the tokenizer's special tokens,
     the whole prompt in view). An experiment passes how its arm reads inputs instead:
     ``segment_length`` (memory written segment by segment, or only the last window without
-    memory; see :func:`memllm.evaluation.metrics.teacher_forced_argmax`), ``chat`` (the chat
+    memory; see :func:`memllm.evaluation.teacher_forcing.teacher_forced_argmax`), ``chat`` (the chat
     template of
     :func:`memllm.data.prompting.format_example`) and ``add_special_tokens=False`` (as in training
     and generation). All questions of all examples are batched together, longest first.

@@ -2,7 +2,13 @@
 
 The config (arm kinds, training data, references) is described in
 :mod:`memllm.evaluation.experiment_config`; results, intervals and paired tests in
-:mod:`memllm.evaluation.report`.
+:mod:`memllm.evaluation.results`, the files written in :mod:`memllm.evaluation.report`.
+
+Each arm generates an answer for every evaluation example and the task scores them
+(``task.score``); what a task measures beyond that comes from its hooks
+(:class:`memllm.data.base.Task`): ``model_scores`` (HotpotQA's supporting facts, ZsRE's
+teacher-forced accuracies), ``breakdown`` (BabiLong's questions by where their facts are) and
+``checkpoint_heads`` (a head saved with a memory). The runner never asks which task it runs.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ from typing import Any
 import torch
 
 from memllm.core.config import to_dict
+from memllm.data.base import Breakdown, Reading
 from memllm.errors import ConfigError
+from memllm.evaluation import report, results
 from memllm.evaluation.experiment_config import (
     ArmSettings,
     ExperimentConfig,
@@ -61,11 +69,29 @@ def predict(
     desc: str,
     chat: bool = False,
     context_tokens: int | None = None,
+    inline: bool = False,
 ) -> list[str]:
     """Generate an answer for each example (batched, longest first to waste little padding);
-    ``context_tokens``: read only the last that many tokens of each prompt."""
+    ``context_tokens``: read only the last that many tokens of each prompt. Examples with their
+    question in its own segment (``data.question_segment: own``) are laid out so, unless
+    ``inline`` (the base arm reads the whole prompt as one)."""
     from memllm.core.generation import generate
+    from memllm.data.layout import generate_examples, has_own_question
     from memllm.data.prompting import format_example
+
+    if not inline and has_own_question(examples):
+        return generate_examples(
+            model,
+            tokenizer,
+            examples,
+            segment_length=segment_length,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            chat=chat,
+            context_tokens=context_tokens,
+            progress=True,
+            desc=desc,
+        )
 
     prompts = [format_example(tokenizer, ex.prompt, ex.target, chat)[0] for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
@@ -134,7 +160,8 @@ class Experiment:
         self.max_new_tokens = cfg.eval.max_new_tokens or getattr(self.task, "max_new_tokens", 20)
         self.notes: list[str] = []
         self._backbone = None
-        self._reach: dict[str, str] | None = None  # BabiLong: example id → where its facts are
+        self._tokenizer = None  # of the last arm run: the task's breakdown reads prompts with it
+        self._breakdown: Breakdown | bool | None = None  # the task's; False: it has none
 
     def backbone(self):
         """The bare backbone, loaded once for the baseline arms."""
@@ -154,43 +181,31 @@ class Experiment:
         return results
 
     def _write_report(self, arm_results: list[dict[str, Any]]) -> dict[str, Any]:
-        from memllm.evaluation import report
-
-        info = report.experiment_info(
+        info = results.experiment_info(
             self.cfg.name, to_dict(self.cfg), self.cfg.seed, notes=self.notes
         )
-        results = report.make_results(info, arm_results)
-        references = self.cfg.compare_with or report.REFERENCE_ARMS
-        report.add_comparisons(results, references)
-        if self._reach is None:
-            self._reach = self._facts_reach()
-        if self._reach:
-            report.add_breakdown(
-                results,
-                "where the supporting facts are",
-                self._reach,
-                f"BabiLong questions split by whether every supporting fact lies in the last "
-                f"{self.cfg.segment_length} tokens of the prompt (the window and memory arms' "
-                "last segment: answerable without a memory) or starts earlier (only a memory, "
-                "or base's whole window, can bring it to the answer).",
-                references,
-                order=["facts in window", "facts earlier"],
-            )
-        self.paths = report.write_results(self.out, results)
-        return results
+        out = results.make_results(info, arm_results)
+        references = self.cfg.compare_with or results.REFERENCE_ARMS
+        results.add_comparisons(out, references)
+        if self._breakdown is None:  # once, with the tokenizer of the first arm run
+            reading = Reading(self.cfg.segment_length, chat=self.cfg.model.chat_template)
+            self._breakdown = self.task.breakdown(self.examples, self._tokenizer, reading) or False
+        if self._breakdown:
+            b = self._breakdown
+            results.add_breakdown(out, b.key, b.labels, b.description, references, order=b.order)
+        self.paths = report.write_results(self.out, out)
+        return out
 
     def _kept_arms(self) -> dict[str, dict[str, Any]]:
         """With ``--arms``, the other arms' results from this output folder's ``results.json``,
         so that running arms one session at a time builds up one report instead of overwriting
         it. An arm is kept only if the experiment's settings (all but arms, name, compare_with)
         and that arm's own settings are unchanged; others are dropped with a warning."""
-        from memllm.evaluation import report
-
         path = self.out / "results.json"
         others = [n for n in self.cfg.arms if n not in self.arm_names]
         if not others or not path.is_file():
             return {}
-        previous = report.load_results(path)
+        previous = results.load_results(path)
         old, new = previous["experiment"].get("config", {}), to_dict(self.cfg)
         loose = ("arms", "name", "compare_with")
         same = {k: v for k, v in old.items() if k not in loose} == {
@@ -216,39 +231,14 @@ class Experiment:
             )
         return kept
 
-    def _facts_reach(self) -> dict[str, str]:
-        """BabiLong built offline: example id → "facts in window" / "facts earlier" (empty for
-        other tasks and for BabiLong files, which do not say where their facts are)."""
-        if getattr(self.task, "name", None) != "babilong":
-            return {}
-        if not all(ex.meta.get("facts") for ex in self.examples):
-            return {}
-        from memllm.core.backbone import load_tokenizer
-        from memllm.data.babilong import supporting_facts_in_window
-        from memllm.data.prompting import format_example
-
-        m = self.cfg.model
-        tokenizer = (
-            self._backbone[1] if self._backbone else load_tokenizer(m.name, gguf_file=m.gguf_file)
-        )
-        chat = self.cfg.model.chat_template
-        reach = {}
-        for ex in self.examples:
-            text = format_example(tokenizer, ex.prompt, ex.target, chat)[0]
-            inside = supporting_facts_in_window(text, ex, tokenizer, self.cfg.segment_length)
-            if inside is None:
-                return {}
-            reach[ex.id] = "facts in window" if inside else "facts earlier"
-        return reach
-
     def run_arm(self, name: str, arm: ArmSettings) -> dict[str, Any]:
+        """Train (or load) one arm, generate its answers and score them."""
         import memllm
         from memllm.core.backbone import context_length
-        from memllm.evaluation import report
 
         start = time.perf_counter()
         train_time, train_log, params = None, None, 0
-        sp_head = None  # HotpotQA: the supporting-fact head trained with the arm, if any
+        heads: dict[str, Any] = {}  # auxiliary heads trained or saved with the arm
         segment = self.cfg.segment_length
         if arm.kind in ("base", "window"):
             model, tokenizer = self.backbone()
@@ -258,7 +248,9 @@ class Experiment:
                 self._note_truncation(tokenizer, segment)
         elif arm.checkpoint is not None:
             model, tokenizer = self._load_checkpoint(arm)
-            sp_head = self._checkpoint_sp_head(arm, model)
+            # loaded before generating: a missing head is an error that should not wait for it
+            train = {**self.cfg.train, **arm.train}
+            heads = self.task.checkpoint_heads(arm.checkpoint, model, train)
         elif arm.untrained:
             model, tokenizer = self._untrained_memory(name, arm)
         else:
@@ -267,7 +259,8 @@ class Experiment:
             cfg = self.run_configs[name]
             result = train(cfg, source=self.source, task=self.train_task)
             model, tokenizer = result.model, result.tokenizer
-            sp_head = result.sp_head
+            # the heads of the trainer's plug-ins, by plug-in name (the SP head: "sp")
+            heads = {k: getattr(p, "head", p) for k, p in result.plugins.items()}
             train_time = time.perf_counter() - start
             train_log = Path(cfg.output_dir) / "log.jsonl"
         # a finetuned arm has no memory parameters; an untrained memory trained none
@@ -275,6 +268,7 @@ class Experiment:
             trained = memllm.memory_parameters(model) + memllm.lora_parameters(model)
             params = sum(p.numel() for p in trained)
         model.eval()
+        self._tokenizer = tokenizer
         eval_start = time.perf_counter()
         with torch.no_grad():
             outputs = predict(
@@ -287,13 +281,27 @@ class Experiment:
                 desc=f"eval {name}",
                 chat=self.cfg.model.chat_template,
                 context_tokens=None if arm.carry else segment,
+                inline=arm.kind == "base",
             )
         eval_time = time.perf_counter() - eval_start
         scores = self.task.score(self.examples, outputs)
-        scores.update(self._zsre_scores(name, model, tokenizer, segment))
-        scores.update(self._sp_scores(name, arm, model, tokenizer, segment, outputs, sp_head))
+        reading = Reading(
+            segment,
+            chat=self.cfg.model.chat_template,
+            batch_size=self.cfg.eval.batch_size,
+            arm=name,
+            outputs=outputs,
+            heads=heads,
+            reference_model=lambda: self.backbone()[0],
+            train_task=self.train_task,
+            seed=self.cfg.seed,
+            output_dir=self.out / "arms" / name,
+        )
+        extra = self.task.model_scores(model, tokenizer, self.examples, reading)
+        scores.update(extra.scores)
+        self.notes += [n for n in extra.notes if n not in self.notes]
         self._write_predictions(name, outputs, scores)
-        return report.build_arm_result(
+        return results.build_arm_result(
             name,
             scores,
             [ex.meta.get("group", "all") for ex in self.examples],
@@ -308,132 +316,9 @@ class Experiment:
             extra={"kind": arm.kind, "segment_length": segment},
         )
 
-    def _sp_scores(
-        self, name: str, arm: ArmSettings, model, tokenizer, segment: int, outputs, head=None
-    ) -> dict[str, list[float]]:
-        """HotpotQA: each test example's supporting facts, scored with its answer (``sp_*``,
-        ``joint_*``); nothing for other tasks.
-
-        A trained arm uses the head trained jointly with it (``train.supporting_facts_weight``)
-        or saved in its checkpoint. Every other arm (base, window, untrained, trained without
-        the head) cannot predict supporting facts zero-shot: it gets a probe, the same head
-        trained on this arm's own frozen final hidden states of the training examples. Features
-        come from the arm's own reading of the input (memory arms segment by segment, window and
-        finetuned the last ``segment`` tokens, base its whole window), so a sentence outside what
-        the arm sees gets no score and is never predicted. Writes the official prediction file
-        ``arms/<arm>/hotpot_predictions.json``.
-        """
-        if getattr(self.task, "name", None) != "hotpotqa":
-            return {}
-        from memllm.core.backbone import hidden_size
-        from memllm.core.inject import has_memory
-        from memllm.data.supporting_facts import write_hotpot_predictions
-        from memllm.evaluation.metrics import first_line
-        from memllm.training import sp_head as sp
-
-        start = time.perf_counter()
-        size, chat = hidden_size(model), self.cfg.model.chat_template
-        reading = {"segment_length": segment, "chat": chat, "batch_size": self.cfg.eval.batch_size}
-        notes = [
-            f"supporting facts: sentences with head probability ≥ {sp.SELECT_THRESHOLD}, at least "
-            f"the {sp.SELECT_MIN_K} best (every HotpotQA question has two supporting paragraphs)"
-        ]
-        if head is not None:
-            notes.append(f"{name}: supporting facts from the SP head trained with the arm")
-        else:
-            hotpot = getattr(self.train_task, "name", None) == "hotpotqa"
-            train_task = self.train_task if hotpot else self.task  # a corpus has no sentences
-            train = train_task.examples("train")
-            probe = sp.build_head(size, self.cfg.seed)
-            features = sp.sentence_features(model, tokenizer, train, head=probe, **reading)
-            head = sp.fit_probe(features, train, size, seed=self.cfg.seed)
-            notes.append(
-                f"{name}: supporting facts from a probe, the SP head trained {sp.PROBE_EPOCHS} "
-                f"epochs on this arm's frozen final hidden states of the {len(train)} training "
-                "examples (no SP training of the model itself)"
-                + (
-                    ""
-                    if has_memory(model)
-                    else f"; it reads the last {segment} tokens of each input, sentences "
-                    "before them get no score"
-                )
-            )
-        head = head.to(next(model.parameters()).device)
-        features = sp.sentence_features(model, tokenizer, self.examples, head=head, **reading)
-        facts = sp.predict_supporting_facts(head, features, self.examples)
-        scores = self.task.score(self.examples, outputs, supporting_facts=facts)
-        write_hotpot_predictions(
-            self.out / "arms" / name / "hotpot_predictions.json",
-            [ex.meta["_id"] for ex in self.examples],
-            [first_line(o) for o in outputs],
-            facts,
-        )
-        self.notes += [n for n in notes if n not in self.notes]
-        log.info("arm %s: supporting facts in %.1f s", name, time.perf_counter() - start)
-        return {k: v for k, v in scores.items() if k.startswith(("sp_", "joint_"))}
-
-    def _checkpoint_sp_head(self, arm: ArmSettings, model):
-        """HotpotQA: the supporting-fact head saved with a checkpoint arm's memory (None if it
-        has none). Strict when the config trains the head: then a checkpoint without one is an
-        error, raised before the arm spends time generating."""
-        if getattr(self.task, "name", None) != "hotpotqa":
-            return None
-        from memllm.core.backbone import hidden_size
-        from memllm.training import sp_head as sp
-
-        weight = {**self.cfg.train, **arm.train}.get("supporting_facts_weight", 0)
-        if weight > 0 or (Path(arm.checkpoint) / sp.SP_HEAD_FILE).is_file():
-            return sp.load_sp_head(arm.checkpoint, hidden_size(model))
-        return None
-
-    def _zsre_scores(self, name: str, model, tokenizer, segment: int) -> dict[str, list[float]]:
-        """ZsRE's teacher-forced accuracies of this arm (nothing for other tasks).
-
-        The model reads each question as the arm reads it in generation: a memory arm writes
-        the earlier segments into a fresh memory per batch and reads the last one, the window
-        and finetuned arms see the last ``segment`` tokens, base its whole window. Locality
-        (``loc_unchanged``) compares with the bare backbone. A variant that some test records
-        lack (no paraphrase or locality question) is left out with a note: an interval over a
-        subset would not pair with the other metrics' examples.
-        """
-        if getattr(self.task, "name", None) != "zsre":
-            return {}
-        from memllm.data.zsre import teacher_forced_metrics
-
-        start = time.perf_counter()
-        per = teacher_forced_metrics(
-            model,
-            tokenizer,
-            self.examples,
-            batch_size=self.cfg.eval.batch_size,
-            segment_length=segment,
-            chat=self.cfg.model.chat_template,
-            add_special_tokens=False,  # prompts are tokenised as in training and generation
-            reference_model=self.backbone()[0],
-        )
-        notes = [
-            "zsre: token_acc, seq_acc and their rephrase_/loc_ variants are teacher-forced on "
-            "each arm's own reading of the question (memory arms segment by segment, window and "
-            "finetuned arms the last segment_length tokens, base the whole input); loc_unchanged "
-            "compares with the bare backbone"
-        ]
-        kept = {}
-        for metric, values in per.items():
-            missing = sum(v != v for v in values)  # nan: the record has no such question
-            if missing:
-                notes.append(
-                    f"zsre: {metric} not reported: {missing} of {len(values)} test records "
-                    "have no such question"
-                )
-            else:
-                kept[metric] = values
-        self.notes += [n for n in notes if n not in self.notes]
-        log.info("arm %s: zsre teacher-forced metrics in %.1f s", name, time.perf_counter() - start)
-        return kept
-
     @staticmethod
     def _describe(name: str, arm: ArmSettings) -> str:
-        from memllm.evaluation.report import ARM_DESCRIPTIONS as D
+        D = results.ARM_DESCRIPTIONS
 
         if arm.kind != "memory" or not isinstance(arm.memory, dict):
             return D.get(name) or D.get(arm.kind, arm.kind)

@@ -23,7 +23,7 @@ options. The trained arms train and validate on it; every arm is evaluated on ``
 
 Every arm is scored on the same test examples with the task's official metric; results carry
 95 % intervals and paired tests against ``base`` and ``window``, or the arms ``compare_with``
-lists (see :mod:`memllm.evaluation.report`).
+lists (see :mod:`memllm.evaluation.results`).
 """
 
 from __future__ import annotations

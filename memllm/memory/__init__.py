@@ -1,6 +1,8 @@
-"""Memory types. Each is a config dataclass plus an ``nn.Module`` with one contract.
+"""Memory types: one file per type, each a config dataclass plus an ``nn.Module``.
 
-A memory module is built as ``Module(config, hidden_size)`` and provides:
+Every module keeps one contract, stated as a Protocol in :mod:`memllm.memory.protocol`
+(:class:`~memllm.memory.protocol.MemoryModule`). A module is built as
+``Module(config, hidden_size)`` and provides:
 
 ``init_state(batch_size, device, dtype) -> state``
     The memory of a fresh example: a tensor or a dict/tuple of tensors, batch dimension first.
@@ -14,7 +16,8 @@ A memory module is built as ``Module(config, hidden_size)`` and provides:
     must compute the same output as with ``write=True``. ``segment_state`` is the state at the
     start of the segment this call belongs to; None means ``state`` (the call is a whole
     segment, or starts one). It differs from ``state`` only while decoding (below). ``aux``
-    holds tensors: ``aux["loss"]`` (already weighted, added to the task loss by training) and
+    holds tensors: ``aux["loss"]`` (already weighted, added to the task loss by training), its
+    named parts as ``aux["loss/<name>"]`` (detached; training logs each as ``<name>_loss``) and
     diagnostics, detached, never ``.item()``-ed here.
 
 ``learns_within_call: bool`` (class attribute)
@@ -31,52 +34,50 @@ A memory module is built as ``Module(config, hidden_size)`` and provides:
     teacher-forced call. A memory that does not learn within a call gets the committed state
     and ``write=False`` in every decoding call.
 
+``post_layer: bool`` (class attribute)
+    Whether the module calls the wrapped layer on its unchanged input and works on the layer's
+    output only (latent, episodic), rather than changing what goes into the layer (Titans'
+    memory as context). Only then can the training feature cache record the layer's output.
+
 The module must leave the backbone's output unchanged at initialisation (a zero gate).
+
+**Adding a memory type.** Write ``memllm/memory/<name>.py`` with the config (its ``type`` field
+defaults to ``"<name>"``) and the module, decorated where it is defined::
+
+    from memllm.memory.registry import register_memory
+
+    @register_memory("<name>", MyMemoryConfig)
+    class MyMemory(nn.Module):
+        learns_within_call = False
+        post_layer = True
+        ...
+
+then add the file to the imports below: importing it is what registers it.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
-from memllm.core.config import ConfigError, from_dict
+# Importing a memory type's file registers it (each module class carries @register_memory).
+from memllm.memory import episodic, kv_retrieval, latent, neural  # noqa: F401
 from memllm.memory.latent import LatentMemory, LatentMemoryConfig
-
-MEMORY_TYPES: dict[str, tuple[type, type]] = {
-    "latent": (LatentMemoryConfig, LatentMemory),
-}
-
-try:  # the neural memory registers here once it exists
-    from memllm.memory.neural import NeuralMemory, NeuralMemoryConfig
-
-    MEMORY_TYPES["neural"] = (NeuralMemoryConfig, NeuralMemory)
-except ImportError:  # pragma: no cover
-    pass
-
-MemoryConfig = Any  # one of the config classes in MEMORY_TYPES
-
-
-def memory_config_from_dict(data: dict[str, Any], prefix: str = "") -> MemoryConfig:
-    """Build the memory config named by ``data["type"]``; strict like every memllm config."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'memory'}: expected a mapping, got {data!r}")
-    kind = data.get("type", "latent")
-    if kind not in MEMORY_TYPES:
-        known = ", ".join(sorted(MEMORY_TYPES))
-        raise ConfigError(f"{prefix}type: unknown memory type {kind!r} (known: {known})")
-    config_cls, _ = MEMORY_TYPES[kind]
-    return from_dict(config_cls, {**data, "type": kind}, prefix=prefix)
-
-
-def build_memory_module(config: MemoryConfig, hidden_size: int):
-    """Instantiate the module for ``config``."""
-    _, module_cls = MEMORY_TYPES[config.type]
-    return module_cls(config, hidden_size)
-
+from memllm.memory.protocol import MemoryModule
+from memllm.memory.registry import (
+    MEMORY_TYPES,
+    MemoryConfig,
+    build_memory_module,
+    memory_class,
+    memory_config_from_dict,
+    register_memory,
+)
 
 __all__ = [
     "MEMORY_TYPES",
     "LatentMemory",
     "LatentMemoryConfig",
+    "MemoryConfig",
+    "MemoryModule",
     "build_memory_module",
+    "memory_class",
     "memory_config_from_dict",
+    "register_memory",
 ]

@@ -31,6 +31,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from memllm.core.config import check
+from memllm.memory.registry import register_memory
+
+MAX_SIZE = 65_536
+"""Upper bound of ``num_slots`` and ``memory_dim`` (a config error beyond it)."""
 
 
 @dataclass
@@ -61,6 +65,15 @@ class LatentMemoryConfig:
         check(len(set(self.layer_ids)) == len(self.layer_ids), "layer_ids", "has duplicates")
         check(self.num_slots > 0, "num_slots", f"must be > 0, got {self.num_slots}")
         check(self.memory_dim > 0, "memory_dim", f"must be > 0, got {self.memory_dim}")
+        # bounds far above any real bank; past them the weights alone would not fit in memory
+        check(
+            self.num_slots <= MAX_SIZE, "num_slots", f"must be <= {MAX_SIZE}, got {self.num_slots}"
+        )
+        check(
+            self.memory_dim <= MAX_SIZE,
+            "memory_dim",
+            f"must be <= {MAX_SIZE}, got {self.memory_dim}",
+        )
         check(self.num_heads > 0, "num_heads", f"must be > 0, got {self.num_heads}")
         check(
             self.memory_dim % self.num_heads == 0,
@@ -97,6 +110,7 @@ def multihead_attention(
     return rearrange(out, "b h n d -> b n (h d)"), weights
 
 
+@register_memory("latent", LatentMemoryConfig)
 class LatentMemory(nn.Module):
     """One gated latent memory bank attached after a decoder layer.
 
@@ -104,6 +118,7 @@ class LatentMemory(nn.Module):
     """
 
     learns_within_call = False  # reads the state the call starts from, then writes
+    post_layer = True  # works on the wrapped layer's output only (the feature cache applies)
 
     def __init__(self, config: LatentMemoryConfig, hidden_size: int) -> None:
         super().__init__()
@@ -183,8 +198,13 @@ class LatentMemory(nn.Module):
         sparsity = importance.abs().mean()
         usage = importance / importance.sum(-1, keepdim=True).clamp_min(1e-8)
         entropy = -(usage * usage.clamp_min(1e-8).log()).sum(-1).mean()
+        sparsity_term = self.config.sparsity_weight * sparsity
+        entropy_term = self.config.entropy_weight * entropy
         aux = {
-            "loss": self.config.sparsity_weight * sparsity - self.config.entropy_weight * entropy,
+            "loss": sparsity_term - entropy_term,
+            # the named parts of "loss" (training logs each on its own, as ``<name>_loss``)
+            "loss/sparsity": sparsity_term.detach(),
+            "loss/entropy": -entropy_term.detach(),
             "sparsity": sparsity,
             "entropy": entropy,
             "gate_abs_mean": self.out_gate.detach().abs().mean(),

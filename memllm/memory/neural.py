@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from memllm.core.config import check
 from memllm.memory.neural_update import State, chunked_update, pack, read
+from memllm.memory.registry import register_memory
 
 
 @dataclass
@@ -120,6 +121,18 @@ class NeuralMemoryConfig:
             f"must be > 0 or null, got {self.memory_dim}",
         )
         check(self.mlp_depth >= 1, "mlp_depth", f"must be >= 1, got {self.mlp_depth}")
+        # bounds far above any real memory; past them the weights alone would not fit
+        check(
+            self.memory_dim is None or self.memory_dim <= 65_536,
+            "memory_dim",
+            f"must be <= 65536, got {self.memory_dim}",
+        )
+        check(self.mlp_depth <= 64, "mlp_depth", f"must be <= 64, got {self.mlp_depth}")
+        check(
+            self.mlp_expansion_factor <= 64,
+            "mlp_expansion_factor",
+            f"must be <= 64, got {self.mlp_expansion_factor}",
+        )
         check(
             self.mlp_expansion_factor > 0,
             "mlp_expansion_factor",
@@ -141,6 +154,7 @@ class NeuralMemoryConfig:
             check(math.isfinite(getattr(self, key)), key, "must be finite")
 
 
+@register_memory("neural", NeuralMemoryConfig)
 class NeuralMemory(nn.Module):
     """One Titans neural memory attached to a decoder layer (see the module docstring).
 
@@ -149,6 +163,7 @@ class NeuralMemory(nn.Module):
     """
 
     learns_within_call = True  # each token reads the fast weights after its own chunk's update
+    post_layer = False  # "context" and "layer" change what goes into the layer
 
     def __init__(self, config: NeuralMemoryConfig, hidden_size: int) -> None:
         super().__init__()

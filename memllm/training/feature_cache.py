@@ -25,12 +25,9 @@ from torch import Tensor, nn
 
 from memllm.core.backbone import decoder_stack, final_norm, stack_spec, text_config
 from memllm.core.inject import MemoryLayer, memory_config
-from memllm.core.segments import SegmentOutput, _logits_to_keep, positions_from_mask, segment_bounds
+from memllm.core.segments import SegmentOutput, positions_from_mask, segment_loss
 from memllm.core.session import MemorySession
-
-# Memory types whose module calls the wrapped layer on its unchanged input and works on the
-# output only (so the layer's output can stand in for the layer).
-POST_LAYER_TYPES = {"latent"}
+from memllm.memory.registry import memory_class
 
 
 def unsupported_reason(model: nn.Module, has_lora: bool) -> str | None:
@@ -44,7 +41,9 @@ def unsupported_reason(model: nn.Module, has_lora: bool) -> str | None:
     if len(wrapped) > 1:
         return f"memory sits at layers {wrapped}; the cache holds the output of one layer"
     kind = memory_config(model).type
-    if kind not in POST_LAYER_TYPES:
+    # the module must call its layer on the unchanged input and work on the output only, so
+    # that the layer's output can stand in for the layer (MemoryModule.post_layer)
+    if not memory_class(kind).post_layer:
         return f"memory type {kind!r} changes the input of its layer"
     if not hasattr(owner, stack_spec(model).final_norm):
         return "the final norm was not found"
@@ -90,9 +89,9 @@ class FeatureCache:
         self.head = model.get_output_embeddings()
         self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
         self.features: dict[str, Tensor] = {}
-        # Set by callers that hook the final norm for every position's hidden state (the
-        # supporting-fact head): the norm then runs on whole segments, the LM head still only
-        # where there are targets.
+        # Set by callers that hook the final norm for every position's hidden state (trainer
+        # plug-ins that read all positions, e.g. the supporting-fact head): the norm then runs
+        # on whole segments, the LM head still only where there are targets.
         self.full_hidden = False
 
     def __len__(self) -> int:
@@ -169,17 +168,14 @@ class FeatureCache:
         segment_length: int,
         session: MemorySession,
         bptt_segments: int | None = None,
+        keep_logits: bool = False,
     ) -> SegmentOutput:
-        """Loss of a cached batch, segment by segment: what ``forward_segments`` computes."""
+        """Loss of a cached batch, segment by segment: what ``forward_segments`` computes
+        (``keep_logits``: also the last segment's logits at every position)."""
         hidden = self.padded(ids, attention_mask)
-        targets = torch.full_like(labels, -100)
-        targets[:, :-1] = labels[:, 1:]
         memory = self.wrapper.memory
-        total_loss, total_tokens, aux_losses = None, 0, []
-        bounds = segment_bounds(labels.shape[1], segment_length)
-        for k, (start, end) in enumerate(bounds):
-            if bptt_segments and k > 0 and k % bptt_segments == 0:
-                session.detach()
+
+        def run(start: int, end: int, keep: int | None) -> Tensor | None:
             h = hidden[:, start:end]
             mask = attention_mask[:, start:end].bool()
             # What MemoryLayer.forward does, with the recorded output standing in for the layer.
@@ -190,30 +186,28 @@ class FeatureCache:
             if session.writing:
                 session.states[self.index] = new_state
             session.aux[self.index] = aux
-            aux_losses.append(session.aux_loss())
-            seg_targets = targets[:, start:end]
-            keep = _logits_to_keep(seg_targets, full=False)
-            n = int((seg_targets != -100).sum())
+            # A segment without labels only writes the memory, which reads layer L's output:
+            # nothing above L runs for it (unless every position's hidden state is wanted).
             normed = None
-            if self.has_upper and (n or self.full_hidden):
+            if self.has_upper and (keep is not None or self.full_hidden):
                 normed = self._above(out, mask)
             elif self.full_hidden:
                 normed = self.norm(out)
-            if not n:
-                continue
-            seg_targets = seg_targets[:, -keep:]
-            normed = normed[:, -keep:] if normed is not None else self.norm(out[:, -keep:])
+            if keep is None:
+                return None
+            tail = slice(-keep, None) if keep else slice(None)
+            normed = normed[:, tail] if normed is not None else self.norm(out[:, tail])
             logits = self.head(normed)
             if self.softcap:
                 logits = torch.tanh(logits / self.softcap) * self.softcap
-            loss = nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]),
-                seg_targets.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-            total_loss = loss if total_loss is None else total_loss + loss
-            total_tokens += n
-        mean_loss = total_loss / total_tokens if total_loss is not None else None
-        aux = sum(aux_losses) / len(aux_losses)
-        return SegmentOutput(mean_loss, None, aux, len(bounds), total_tokens)
+            return logits
+
+        return segment_loss(
+            run,
+            labels,
+            length=labels.shape[1],
+            segment_length=segment_length,
+            session=session,
+            bptt_segments=bptt_segments,
+            keep_logits=keep_logits,
+        )

@@ -318,6 +318,13 @@ class RunConfig:
             "name the task (babilong, hotpotqa, zsre or corpus)",
         )
         check(bool(self.output_dir), "output_dir", "must not be empty")
+        # numpy's seeding takes 0 … 2**32 - 1; anything else would fail deep in the trainer
+        check(0 <= self.seed < 2**32, "seed", f"must be in 0 … 2**32 - 1, got {self.seed}")
+        check(
+            self.data.get("num_train") != 0,
+            "data.num_train",
+            "must be > 0 (or null for all): training needs examples",
+        )
         check(
             self.train.supporting_facts_weight == 0 or self.data["task"] == "hotpotqa",
             "train.supporting_facts_weight",
@@ -405,7 +412,8 @@ def check_against_model(cfg: RunConfig, model, source: str | Path | None = None)
 
     _, layers = decoder_stack(model)
     try:
-        if cfg.memory is not None:
+        # layer_ids None: every layer (kv_retrieval)
+        if cfg.memory is not None and cfg.memory.layer_ids is not None:
             resolve_layer_ids(list(cfg.memory.layer_ids), len(layers), key="memory.layer_ids")
         window = context_length(model)
         if window is not None:

@@ -11,6 +11,9 @@ selection of predicted facts. This module connects it to models:
   model sees *whole* in the kept tail of a prompt (a sentence cut by the window gets no score);
 * :func:`save_sp_head` / :func:`load_sp_head` — ``sp_head.safetensors`` next to the memory
   weights, loaded strictly;
+* :class:`SupportingFactPlugin` — the head as a trainer plug-in
+  (:class:`memllm.training.plugins.TrainerPlugin`): ``train.supporting_facts_weight`` > 0 trains
+  it jointly with the memory, on the final hidden states of every segment;
 * :func:`sentence_features`, :func:`fit_probe`, :func:`predict_supporting_facts` — what an
   experiment does for each arm: pooled sentence features of a (trained or frozen) model, a head
   trained on frozen features for arms that have none (a probe), and the predicted facts.
@@ -121,8 +124,8 @@ def attach_sentence_spans(items, examples, tokenizer, *, chat: bool = False) -> 
             tokenizer, example, chat=chat, kept_tokens=item.prompt_len
         )
         labels = sentence_labels(example.meta)
-        item.sp_spans = spans
-        item.sp_labels = [labels[i] for i in indices]
+        item.extras["sp_spans"] = spans
+        item.extras["sp_labels"] = [labels[i] for i in indices]
 
 
 # -- the head and its file -------------------------------------------------------------------
@@ -195,6 +198,58 @@ def load_sp_head(
             )
     head.load_state_dict(weights, strict=True)
     return head
+
+
+# -- the trainer plug-in ---------------------------------------------------------------------
+
+
+class SupportingFactPlugin:
+    """The supporting-fact head trained with the memory (``train.supporting_facts_weight``).
+
+    The head reads the final hidden states of every segment (sentences sit in early ones),
+    concatenated back into the whole left-padded input, and scores the sentences each item's
+    kept prompt holds whole.
+    """
+
+    name = "sp"
+    reads_all_positions = True
+
+    def __init__(
+        self, model: nn.Module, tokenizer, *, weight: float, seed: int, chat: bool, device
+    ) -> None:
+        from memllm.core.backbone import hidden_size
+
+        final_norm(model)  # fail before training if the hidden states cannot be read
+        self.head = build_head(hidden_size(model), seed).to(device)
+        self.weight, self.tokenizer, self.chat = weight, tokenizer, chat
+
+    def parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def prepare(self, items, examples) -> None:
+        attach_sentence_spans(items, examples, self.tokenizer, chat=self.chat)
+
+    def observe(self, model: nn.Module) -> contextlib.AbstractContextManager[list[Tensor]]:
+        return capture_final_hidden(model)
+
+    def loss(self, batch, observed: list[Tensor]) -> Tensor:
+        from memllm.data.supporting_facts import pad_labels
+
+        hidden = torch.cat(observed, dim=1)
+        width = batch.input_ids.shape[1]
+        spans = [
+            shift_spans(it.extras.get("sp_spans", []), width - len(it.ids)) for it in batch.items
+        ]
+        labels = pad_labels(
+            [it.extras.get("sp_labels", []) for it in batch.items], device=hidden.device
+        )
+        return self.head.loss(self.head(hidden, spans).float(), labels)
+
+    def save(self, directory: Path) -> None:
+        save_sp_head(self.head, directory)
+
+    def load(self, directory: Path) -> None:
+        load_sp_head(directory, into=self.head)  # strict: this run trains the head
 
 
 # -- experiments: features, probes, predictions ----------------------------------------------

@@ -12,6 +12,7 @@ from memllm.cli import main
 from memllm.core.backbone import load_tokenizer
 from memllm.data import build_task
 from memllm.data.hotpotqa import format_prompt, load_hotpot_file
+from memllm.data.hotpotqa_metric import hotpot_evaluate
 from memllm.data.supporting_facts import (
     SupportingFactHead,
     pad_labels,
@@ -22,7 +23,6 @@ from memllm.data.supporting_facts import (
     write_hotpot_predictions,
 )
 from memllm.errors import DataError
-from memllm.evaluation.metrics import hotpot_evaluate
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"
 

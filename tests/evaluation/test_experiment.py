@@ -12,7 +12,7 @@ from memllm.cli import main
 from memllm.core.tiny import byte_tokenizer
 from memllm.data.prompting import format_example
 from memllm.evaluation.experiment import ArmSettings, Experiment
-from memllm.evaluation.report import ARM_DESCRIPTIONS
+from memllm.evaluation.results import ARM_DESCRIPTIONS
 
 CONFIG = {
     "name": "tiny experiment",

@@ -77,7 +77,7 @@ def run(tmp_path_factory):
         yaml.safe_dump({**CONFIG, "arms": arms, "output_dir": str(out)}, sort_keys=False)
     )
     with pytest.MonkeyPatch.context() as patch:  # plots are test_report's (and take seconds)
-        patch.setattr("memllm.evaluation.report_plots.draw_plots", lambda *_args: [])
+        patch.setattr("memllm.evaluation.plots.draw_plots", lambda *_args: [])
         assert main(["experiment", "--config", str(path)]) == 0
     return path, out, json.loads((out / "results.json").read_text())
 
@@ -147,7 +147,8 @@ def test_missing_sp_head_in_checkpoint_is_one_line(run, tmp_path, capsys):
 
 def test_resume_needs_the_sp_head(run):
     from memllm.evaluation.experiment import load_experiment_config
-    from memllm.training.trainer import latest_checkpoint, train
+    from memllm.training.checkpointing import latest_checkpoint
+    from memllm.training.trainer import train
 
     path, out, _ = run
     cfg = load_experiment_config(path)

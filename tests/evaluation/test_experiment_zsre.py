@@ -14,7 +14,7 @@ from memllm.cli import main
 from memllm.data import build_task
 from memllm.data.zsre import teacher_forced_metrics
 from memllm.evaluation.experiment import load_experiment_config
-from memllm.evaluation.metrics import teacher_forced_argmax
+from memllm.evaluation.teacher_forcing import teacher_forced_argmax
 
 CONFIGS = Path(__file__).parents[2] / "configs" / "experiments"
 LATENT = {"type": "latent", "num_slots": 4, "memory_dim": 16, "num_heads": 2}
@@ -48,7 +48,7 @@ def _with_memory(model, gate: float | None = None, seed: int = 0):
 
 def test_experiment_reports_zsre_accuracies_per_arm(tmp_path, one_thread, monkeypatch):
     # plots are tested in test_report and take most of this test's time on a small CPU
-    monkeypatch.setattr("memllm.evaluation.report_plots.draw_plots", lambda *_args, **_kw: [])
+    monkeypatch.setattr("memllm.evaluation.plots.draw_plots", lambda *_args, **_kw: [])
     config = {
         "name": "tiny zsre",
         "model": {"name": "tiny-llama"},

@@ -10,19 +10,23 @@ import torch
 
 from memllm.cli import main
 from memllm.core.backbone import load_tokenizer
-from memllm.evaluation.metrics import (
-    HOTPOT_KEYS,
+from memllm.data.answers import normalize_answer
+from memllm.data.babilong_metric import (
     babilong_compare_answers,
     babilong_score,
+    infer_babilong_task,
+    read_babilong_predictions,
+)
+from memllm.data.hotpotqa_metric import (
+    HOTPOT_KEYS,
     hotpot_answer_scores,
     hotpot_evaluate,
     hotpot_per_question,
     hotpot_sp_scores,
-    infer_babilong_task,
-    normalize_answer,
-    read_babilong_predictions,
+)
+from memllm.data.zsre_metric import zsre_exact_match
+from memllm.evaluation.teacher_forcing import (
     teacher_forced_correct,
-    zsre_exact_match,
     zsre_sequence_accuracy,
     zsre_token_accuracy,
 )

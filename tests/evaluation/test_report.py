@@ -8,18 +8,17 @@ import numpy as np
 import pytest
 
 from memllm.errors import DataError
-from memllm.evaluation.report import (
+from memllm.evaluation.groups import group_sort_key, parse_length
+from memllm.evaluation.markdown import format_table
+from memllm.evaluation.plots import log_series, read_train_log
+from memllm.evaluation.report import write_results
+from memllm.evaluation.results import (
     add_comparisons,
     build_arm_result,
     experiment_info,
-    format_table,
-    group_sort_key,
     load_results,
     make_results,
-    parse_length,
-    write_results,
 )
-from memllm.evaluation.report_plots import log_series, read_train_log
 
 FAST = {"n_resamples": 200}
 TASKS, LENGTHS, PER_GROUP = ("qa1", "qa2"), ("1k", "2k"), 12
@@ -293,7 +292,7 @@ def test_log_series_follows_the_training_logger_format():
 
 
 def test_breakdown_summarises_and_pairs_each_subset(results, tmp_path):
-    from memllm.evaluation.report import add_breakdown, write_results
+    from memllm.evaluation.results import add_breakdown
     from memllm.evaluation.stats import paired_test
 
     latent = results["arms"]["latent"]

@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from memllm.training.checkpointing import complete_checkpoints
 from memllm.training.run_config import load_run_config
-from memllm.training.trainer import Trainer, complete_checkpoints, train
+from memllm.training.trainer import Trainer, train
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).parent))

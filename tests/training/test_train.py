@@ -14,15 +14,11 @@ from safetensors.torch import load_file
 import memllm
 from memllm.data.base import Example
 from memllm.errors import ConfigError, MemllmError
+from memllm.training.checkpointing import complete_checkpoints
+from memllm.training.data import encode_examples, micro_batches
 from memllm.training.run_config import RunConfig, load_run_config
-from memllm.training.trainer import (
-    TrainingDiverged,
-    complete_checkpoints,
-    encode_examples,
-    lr_factor,
-    micro_batches,
-    train,
-)
+from memllm.training.schedule import lr_factor
+from memllm.training.trainer import TrainingDiverged, train
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL_MEMORY = {"type": "latent", "num_slots": 4, "memory_dim": 16, "num_heads": 2}
@@ -222,7 +218,7 @@ def test_lora_with_memory_trains_both(tmp_path):
     trainable = {id(p) for p in both.model.parameters() if p.requires_grad}
     expected = memllm.memory_parameters(both.model) + memllm.lora_parameters(both.model)
     assert trainable == {id(p) for p in expected}
-    adapter = load_file(both.output_dir / "final" / "adapter.safetensors")
+    adapter = load_file(both.output_dir / "final" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
 
 
@@ -230,12 +226,12 @@ def test_lora_only_baseline_trains_and_saves_its_adapter(tmp_path):
     base = train(
         toy_config(tmp_path, memory=None, lora=LORA, train={"max_steps": 2}), task=ToyTask()
     )
-    adapter = load_file(base.output_dir / "final" / "adapter.safetensors")
+    adapter = load_file(base.output_dir / "final" / "adapter_model.safetensors")
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import memllm.training.trainer as loop
+    import memllm.training.forward as loop
 
     calls = {"n": 0}
     real = loop.forward_segments

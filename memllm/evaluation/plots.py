@@ -2,7 +2,8 @@
 
 Matplotlib's object API with the Agg canvas: no pyplot, no global backend change. Each plot is
 drawn only when its data is present; :func:`draw_plots` is called by
-:func:`memllm.evaluation.report.write_results`.
+:func:`memllm.evaluation.report.write_results`. The training-log readers
+(:func:`read_train_log`, :func:`log_series`) are public for other tools.
 """
 
 from __future__ import annotations
@@ -18,19 +19,16 @@ from typing import Any
 import numpy as np
 
 from memllm.errors import DataError
-from memllm.evaluation.report import (
-    _metric_header,
-    _missing,
-    _natural_key,
-    _task_length,
-    group_sort_key,
+from memllm.evaluation.groups import group_sort_key, natural_key, parse_length, task_length
+from memllm.evaluation.results import (
     headline_metrics,
-    parse_length,
+    is_missing,
+    metric_header,
     percent_metrics,
     primary_metric,
 )
 
-logger = logging.getLogger("memllm.evaluation.report")
+logger = logging.getLogger(__name__)
 
 _LOG_AXIS_KEYS = (
     "step",
@@ -132,7 +130,7 @@ def _plot_breakdowns(
             ax.errorbar(x, values * scale, yerr=errors, fmt="none", ecolor="black", capsize=3)
         sizes = info["sizes"]
         ax.set_xticks(np.arange(len(subsets)), [f"{sub} (n={sizes[sub]})" for sub in subsets])
-        ax.set_ylabel(_metric_header(primary, percent_metrics(results)))
+        ax.set_ylabel(metric_header(primary, percent_metrics(results)))
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
@@ -162,11 +160,11 @@ def _plot_metrics(
         names, values, lows, highs = [], [], [], []
         for name in arms:
             s = results["arms"][name]["metrics"].get(metric)
-            if not s or _missing(s["value"]):
+            if not s or is_missing(s["value"]):
                 continue
             names.append(name)
             values.append(s["value"] * scale)
-            low, high = (np.nan if _missing(x) else x * scale for x in s["ci95"])
+            low, high = (np.nan if is_missing(x) else x * scale for x in s["ci95"])
             lows.append(values[-1] - low)
             highs.append(high - values[-1])
         x = np.arange(len(names))
@@ -188,7 +186,7 @@ def _plot_metrics(
             rotation=30 if len(names) > 4 else 0,
             ha="right" if len(names) > 4 else "center",
         )
-        ax.set_ylabel(_metric_header(metric, pct))
+        ax.set_ylabel(metric_header(metric, pct))
         ax.set_title(metric + (" (primary)" if metric == primary and len(metrics) > 1 else ""))
         if scale == 100:
             tops = [v + h for v, h in zip(values, highs, strict=True) if np.isfinite(h)]
@@ -218,7 +216,7 @@ def _plot_heatmap(
     metric = primary_metric(results)
     arms = [a for a in results["arms"] if results["arms"][a].get("groups")]
     keys = sorted({g for a in arms for g in results["arms"][a]["groups"]}, key=group_sort_key)
-    layout = _task_length(keys)
+    layout = task_length(keys)
     if metric is None or layout is None:
         return []
     tasks, lengths = layout
@@ -230,7 +228,7 @@ def _plot_heatmap(
         for key, summ in results["arms"][name]["groups"].items():
             task, length = key.split("/")
             s = summ.get(metric)
-            if s and not _missing(s["value"]):
+            if s and not is_missing(s["value"]):
                 grid[tasks.index(task), lengths.index(length)] = s["value"] * scale
         grids[name] = grid
     if pct:
@@ -273,7 +271,7 @@ def _plot_heatmap(
             spine.set_visible(False)
     if image is not None:
         fig.colorbar(
-            image, ax=axes, shrink=0.85, label=_metric_header(metric, percent_metrics(results))
+            image, ax=axes, shrink=0.85, label=metric_header(metric, percent_metrics(results))
         )
     fig.suptitle(f"{metric} by task and input length")
     _save(fig, out / "plots" / "heatmap.png")
@@ -308,7 +306,7 @@ def _plot_by_length(
     n_arms = len(by_arm)
     for k, (name, summaries) in enumerate(by_arm.items()):
         points = [(le, summaries[le][metric]) for le in lengths if metric in summaries.get(le, {})]
-        points = [(le, s) for le, s in points if not _missing(s["value"])]
+        points = [(le, s) for le, s in points if not is_missing(s["value"])]
         if not points:
             continue
         # Small horizontal offsets keep overlapping error bars apart.
@@ -316,10 +314,10 @@ def _plot_by_length(
         x = np.array([x_of[le] for le, _ in points], dtype=float) + offset
         y = np.array([s["value"] * scale for _, s in points])
         low = np.array(
-            [np.nan if _missing(s["ci95"][0]) else s["ci95"][0] * scale for _, s in points]
+            [np.nan if is_missing(s["ci95"][0]) else s["ci95"][0] * scale for _, s in points]
         )
         high = np.array(
-            [np.nan if _missing(s["ci95"][1]) else s["ci95"][1] * scale for _, s in points]
+            [np.nan if is_missing(s["ci95"][1]) else s["ci95"][1] * scale for _, s in points]
         )
         style = "--" if name in _REFERENCE_COLOURS else "-"
         ax.errorbar(
@@ -337,7 +335,7 @@ def _plot_by_length(
         ax.fill_between(x, low, high, color=colours[name], alpha=0.1, lw=0)
     ax.set_xticks(range(len(lengths)), lengths)
     ax.set_xlabel("input length")
-    ax.set_ylabel(_metric_header(metric, percent_metrics(results)))
+    ax.set_ylabel(metric_header(metric, percent_metrics(results)))
     if pct:
         ax.set_ylim(-2, 102)
     ax.grid(alpha=0.3)
@@ -453,7 +451,7 @@ def _training_key_order(key: str) -> tuple:
         rank = 4
     else:
         rank = 5
-    return (rank, _natural_key(key))
+    return (rank, natural_key(key))
 
 
 def _draw_series(
@@ -551,10 +549,10 @@ def _plot_memory(
             panels.setdefault(diag, {})[layer] = xy
         if not panels:
             continue
-        diags = sorted(panels, key=_natural_key)
+        diags = sorted(panels, key=natural_key)
         fig, axes = _panel_grid(len(diags))
         for ax, diag in zip(axes, diags, strict=True):
-            layers = sorted(panels[diag], key=_natural_key)
+            layers = sorted(panels[diag], key=natural_key)
             cmap = colormaps["viridis"]
             for k, layer in enumerate(layers):
                 colour = cmap(0.05 + 0.75 * k / max(1, len(layers) - 1))
