@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 # (e.g. TORCH="torch --index-url <your CPU/CUDA index>").
 TORCH ?= torch==2.13.0
 
-.PHONY: install demo quickstart test lint
+.PHONY: install demo quickstart test test-integrations lint
 install: $(VENV)/.memllm-installed
 
 $(VENV)/.memllm-installed: pyproject.toml
@@ -32,6 +32,15 @@ quickstart: install
 
 test: install
 	$(PY) -m pytest -q
+
+# The lm-evaluation-harness and datasets integrations (their tests skip without the extras,
+# which add ~0.5 GB, so `make test` does not install them).
+$(VENV)/.memllm-integrations: $(VENV)/.memllm-installed
+	$(PY) -m pip install -q -e ".[dev,harness,hub]"
+	touch $@
+
+test-integrations: $(VENV)/.memllm-integrations
+	$(PY) -m pytest -q tests/evaluation/test_harness.py tests/data/test_hf_datasets.py
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

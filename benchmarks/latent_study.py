@@ -50,7 +50,7 @@ from memllm.core.inject import (
     memory_session,
     remove_memory,
 )
-from memllm.core.segments import forward_segments, shifted_targets
+from memllm.core.segments import shifted_targets
 from memllm.data import build_task
 from memllm.data.babilong import supporting_facts_in_window
 from memllm.data.prompting import format_example
@@ -146,13 +146,13 @@ def record(model, cache: FeatureCache, items: list[Item], keys: list[str], segme
     start, done = time.time(), 0
     for b in range(0, len(items), 4):
         chunk = collate(items[b : b + 4], 0, "cpu")
-        with cache.record(keys[b : b + 4], chunk.attention_mask):
-            forward_segments(
-                model,
+        with memory_session(model) as session:  # records each segment not seen before
+            cache.forward(
                 chunk.input_ids,
                 chunk.attention_mask,
+                None,
                 segment_length=segment_length,
-                keep_logits=False,
+                session=session,
             )
         done += len(chunk.ids)
         rate = sum(len(it.ids) for it in items[:done]) / (time.time() - start)
@@ -170,8 +170,7 @@ def last_segment(items: list[Item], keys: list[str], cache: FeatureCache, segmen
         cut.append(
             replace(it, id=f"{it.id}/last", ids=it.ids[-n:], labels=it.labels[-n:], mask=mask)
         )
-        cut_keys.append(f"{key}/last")
-        cache.features[cut_keys[-1]] = cache.features[key][-n:]
+        cut_keys.append(f"{key}/last")  # the cache is keyed by segment: already recorded
     return cut, cut_keys
 
 
@@ -180,7 +179,7 @@ def run_batch(model, cache, items, keys, segment_length, *, keep_logits=False):
     batch = collate(items, 0, "cpu")
     with memory_session(model) as session:
         out = cache.forward(
-            keys,
+            batch.input_ids,
             batch.attention_mask,
             batch.labels,
             segment_length=segment_length,

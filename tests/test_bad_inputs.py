@@ -12,6 +12,7 @@ in the case's folder to its text or bytes) or ``Api(id, call, exception, expect)
 from __future__ import annotations
 
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from memllm.cli import main
-from memllm.errors import ConfigError
+from memllm.errors import CheckpointError, ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -60,7 +61,9 @@ class Cli:
 
     id: str
     argv: list[str]
-    files: dict[str, str | bytes] = field(default_factory=dict)
+    files: dict[str, str | bytes] | Callable[[], dict[str, str | bytes]] = field(
+        default_factory=dict
+    )
     expect: str = ""
 
 
@@ -367,7 +370,102 @@ SCORE_FILES = [
     Cli("zs-gold-not-utf8", ZS, {"g.json": NOT_UTF8, "p.json": "{}"}, "UTF-8"),
 ]
 
-CLI_CASES = CONFIG_FILES + CONFIG_VALUES + CONFIG_MODEL + CLI_ARGS + SCORE_FILES
+# --------------------------------------------------------------------------------------------
+# checkpoints (a tiny-llama memory checkpoint, saved once, then damaged per case)
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _checkpoint_files() -> dict[str, bytes]:
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp()) / "ck"
+    _save_tiny_checkpoint(folder)
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _save_tiny_checkpoint(folder: Path) -> None:
+    import memllm
+
+    memllm.save_memory(_tiny_with_memory(), folder)
+
+
+def ck(drop: tuple[str, ...] = (), **changed: Callable[[bytes], bytes]) -> Callable[[], dict]:
+    """The checkpoint's files (under ck/), some changed or dropped: built when the case runs."""
+
+    def files() -> dict[str, bytes]:
+        out = {}
+        for name, data in _checkpoint_files().items():
+            key = name.replace(".", "_")
+            if name not in drop:
+                out[f"ck/{name}"] = changed[key](data) if key in changed else data
+        return out
+
+    return files
+
+
+def flip(data: bytes) -> bytes:
+    middle = len(data) // 2
+    return (
+        data[:middle] + bytes(b ^ 0xFF for b in data[middle : middle + 300]) + data[middle + 300 :]
+    )
+
+
+def heads(n: int) -> Callable[[bytes], bytes]:
+    return lambda data: data.replace(b'"num_heads": 2', f'"num_heads": {n}'.encode())
+
+
+CKGEN = [*GEN, "--checkpoint", "ck"]
+NO_MANIFEST = ("manifest.json",)
+CHECKPOINTS = [
+    Cli("ck-bitflip-weights", CKGEN, ck(memory_safetensors=flip), "sha256 differs"),
+    Cli("ck-bitflip-no-model", CKGEN[:1] + CKGEN[3:], ck(memory_safetensors=flip), "sha256"),
+    Cli("ck-num-heads-edited", CKGEN, ck(memory_config_json=heads(4)), "sha256 differs"),
+    Cli(
+        "ck-num-heads-no-manifest",
+        CKGEN,
+        ck(NO_MANIFEST, memory_config_json=heads(4)),
+        "does not match the config memory.safetensors was written with",
+    ),
+    Cli("ck-truncated-weights", CKGEN, ck(memory_safetensors=lambda d: d[:64]), "bytes"),
+    Cli("ck-empty-weights", CKGEN, ck(memory_safetensors=lambda d: b""), "bytes"),
+    Cli(
+        "ck-truncated-no-manifest",
+        CKGEN,
+        ck(NO_MANIFEST, memory_safetensors=lambda d: d[:64]),
+        "unreadable safetensors",
+    ),
+    Cli(
+        "ck-empty-no-manifest",
+        CKGEN,
+        ck(NO_MANIFEST, memory_safetensors=lambda d: b""),
+        "unreadable safetensors",
+    ),
+    Cli("ck-weights-missing", CKGEN, ck(("memory.safetensors",)), "missing"),
+    Cli(
+        "ck-config-garbled-no-manifest",
+        CKGEN,
+        ck(NO_MANIFEST, memory_config_json=lambda d: d[:40]),
+        "invalid JSON",
+    ),
+    Cli(
+        "ck-config-not-utf8-no-manifest",
+        CKGEN,
+        ck(NO_MANIFEST, memory_config_json=lambda d: b"\xff\xfe" + d),
+        "not UTF-8",
+    ),
+    Cli("ck-manifest-garbled", CKGEN, ck(manifest_json=lambda d: d[:10]), "corrupt manifest"),
+    Cli("ck-not-a-checkpoint", CKGEN, {"ck/notes.txt": "mine"}, "not a memory checkpoint"),
+    Cli("ck-missing", CKGEN, {}, "not found"),
+    Cli(
+        "ck-other-backbone",
+        ["generate", "--model", "tiny-qwen2", "--prompt", "hi", "--checkpoint", "ck"],
+        ck(),
+        "model_type",
+    ),
+]
+
+CLI_CASES = CONFIG_FILES + CONFIG_VALUES + CONFIG_MODEL + CLI_ARGS + SCORE_FILES + CHECKPOINTS
 
 
 def _snapshot(folder: Path) -> dict[str, str]:
@@ -378,8 +476,8 @@ def _snapshot(folder: Path) -> dict[str, str]:
     }
 
 
-def _write(folder: Path, files: dict[str, str | bytes]) -> None:
-    for name, content in files.items():
+def _write(folder: Path, files) -> None:
+    for name, content in (files() if callable(files) else files).items():
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, bytes):
@@ -419,7 +517,8 @@ def workdir(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
 def test_bad_cli_input(case: Cli, workdir, capsys):
-    _write(workdir, {**case.files, "keep/marker.txt": "user data"})
+    _write(workdir, case.files)
+    _write(workdir, {"keep/marker.txt": "user data"})
     before = _snapshot(workdir)
     code, _, err = run_cli(case.argv, capsys)
     assert_one_error(code, err, case.expect)
@@ -449,6 +548,41 @@ def test_os_errors_are_one_line(code, words, workdir, capsys, monkeypatch):
     rc, _, err = run_cli(["data", "export", "babilong", "out.json", "--tasks", "qa1"], capsys)
     line = assert_one_error(rc, err, words)
     assert "out.json" in line
+
+
+def test_checkpoint_without_model_is_checked_before_any_backbone_loads(
+    workdir, capsys, monkeypatch
+):
+    """--checkpoint without --model converted SmolLM2 (75 s) before reporting a mismatch: now a
+    bad checkpoint is refused first, and a good one brings the backbone it was trained on."""
+    import memllm
+
+    _write(workdir, ck(memory_safetensors=flip)())
+    loaded = []
+    real = memllm.load_backbone
+    monkeypatch.setattr(memllm, "load_backbone", lambda *a, **k: loaded.append(a) or real(*a, **k))
+    code, _, err = run_cli(["generate", "--prompt", "hi", "--checkpoint", "ck"], capsys)
+    assert_one_error(code, err, "sha256 differs")
+    assert loaded == []
+    _write(workdir, ck()())
+    code, _, err = run_cli(
+        ["generate", "--prompt", "hi", "--checkpoint", "ck", "--max-new-tokens", "2"], capsys
+    )
+    assert code == 0, err
+    assert loaded == [("tiny-llama",)]
+
+
+def _save_into(make_folder: Callable[[Path], Path]):
+    import tempfile
+
+    import memllm
+
+    root = Path(tempfile.mkdtemp())
+    (root / "mine.txt").write_text("user data")
+    try:
+        memllm.save_memory(_tiny_with_memory(), make_folder(root))
+    finally:
+        assert (root / "mine.txt").read_text() == "user data"
 
 
 def test_bom_csv_scores(workdir, capsys):
@@ -617,6 +751,19 @@ API_CASES = [
     Api("yaml-dup", lambda: _load_yaml("a: 1\na: 2\n"), ConfigError, "duplicate key 'a'"),
     Api("yaml-empty", lambda: _load_yaml(""), ConfigError, "empty"),
     Api("yaml-not-utf8", lambda: _load_yaml(NOT_UTF8), ConfigError, "not UTF-8"),
+    Api("save-into-user-folder", lambda: _save_into(lambda r: r), CheckpointError, "not a memllm"),
+    Api(
+        "save-through-dotdot",
+        lambda: _save_into(lambda r: r / "inner" / ".."),
+        CheckpointError,
+        "not a memllm checkpoint",
+    ),
+    Api(
+        "save-onto-a-file",
+        lambda: _save_into(lambda r: r / "mine.txt"),
+        CheckpointError,
+        "not a folder",
+    ),
 ]
 
 

@@ -37,7 +37,11 @@ EVERY_ARM = [
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(p.parents[1])))
 def test_shipped_config_loads(path):
     data = load_yaml(path)
-    if "arms" in data:
+    if "rungs" in data:  # a ladder: every rung is an experiment config
+        from memllm.evaluation.ladder import load_ladder
+
+        assert all(cfg.arms for cfg in load_ladder(path)[1].values())
+    elif "arms" in data:
         cfg = load_experiment_config(path)  # also builds every trained arm's run config
         assert cfg.arms
     elif set(data) == {"memory"}:

@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "memllm.cli.data",
     "memllm.cli.train",
     "memllm.cli.experiment",
+    "memllm.cli.harness",
 ]
 
 

@@ -8,6 +8,7 @@
     memllm data fetch [austen|kjv]                  # offline public-domain books into the cache
     memllm data preview TASK [--tasks qa1] [--lengths 4k] [-n 2] [--set key=value ...]
     memllm data export TASK OUT.json [--split test] # the examples' data in the official format
+    memllm data export TASK OUT/ --format hf        # every example field, a datasets folder
     memllm data tasks                               # the registered tasks
 """
 
@@ -87,10 +88,19 @@ def register(subparsers) -> None:
         help="write a split in the official format",
         description="hotpotqa: raw HotpotQA JSON (a gold file for `memllm score hotpotqa`); "
         "zsre: zsre_mend_eval.json layout; babilong: records {input, question, target}; "
-        "corpus: JSON lines {text}.",
+        "corpus: JSON lines {text}. --format hf: the formatted examples (id, prompt, target, "
+        "context_part, question_part, meta as JSON) as a datasets folder.",
     )
     _task_arguments(export)
-    export.add_argument("output", help="file to write")
+    export.add_argument("output", help="file (json) or folder (hf) to write")
+    export.add_argument(
+        "--format",
+        dest="export_format",
+        default="json",
+        choices=["json", "hf"],
+        help="json: the official format (default); hf: every example field as a datasets "
+        "folder for datasets.load_from_disk (needs memllm[hub])",
+    )
     export.set_defaults(func=data_export)
 
     tasks = data_sub.add_parser("tasks", help="list the registered tasks")
@@ -364,7 +374,7 @@ def _split_list(values: list[str] | None) -> list[str] | None:
 
 
 def _task_options(args, *, limit: int | None = None) -> dict[str, Any]:
-    from memllm.core.config import parse_override
+    from memllm.core.config import apply_overrides
 
     options: dict[str, Any] = {}
     if args.task == "babilong":
@@ -379,10 +389,8 @@ def _task_options(args, *, limit: int | None = None) -> dict[str, Any]:
     if limit is not None and args.task != "corpus":
         key = {"train": "num_train", "validation": "num_validation", "test": "num_test"}
         options[key[args.split]] = limit
-    for item in args.overrides:
-        path, value = parse_override(item)
-        options[".".join(path)] = value
-    return options
+    # dotted keys reach nested options: --set source.path=data.jsonl (task qa)
+    return apply_overrides(options, args.overrides)
 
 
 def _build(args, *, limit: int | None = None):
@@ -437,6 +445,14 @@ def data_export(args) -> int:
     task = _build(args)
     examples = task.examples(args.split)
     out = Path(args.output)
+    if args.export_format == "hf":
+        from memllm.data.hf_source import export_examples
+
+        if out.exists() and not out.is_dir():
+            raise DataError(f"{out}: exists and is not a folder (--format hf writes a folder)")
+        export_examples(examples, out)
+        print(f"wrote {len(examples)} {args.split} examples to {out} (datasets.load_from_disk)")
+        return 0
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.task == "hotpotqa":
         records = task.records(args.split)

@@ -1,4 +1,4 @@
-"""``memllm experiment`` and ``memllm quickstart``."""
+"""``memllm experiment``, ``memllm ladder`` and ``memllm quickstart``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,17 @@ def cmd_experiment(args) -> int:
     experiment, results = run_experiment(args.config, args.overrides, arms)
     print(format_table(results))
     print(f"report: {experiment.paths['markdown']}")
+    return 0
+
+
+def cmd_ladder(args) -> int:
+    from memllm.evaluation.ladder import run_ladder
+
+    rungs = args.rungs.split(",") if args.rungs else None
+    arms = args.arms.split(",") if args.arms else None
+    _, paths = run_ladder(args.config, args.overrides, rungs=rungs, arms=arms)
+    print(paths["markdown"].read_text())
+    print(f"report: {paths['markdown']}")
     return 0
 
 
@@ -38,6 +49,21 @@ def register(sub) -> None:
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=cmd_experiment)
+
+    p = sub.add_parser(
+        "ladder",
+        help="the recall ladder: one experiment per rung, then a table of arms x rungs "
+        "(ladder.json, ladder.md, ladder.png)",
+    )
+    p.add_argument("--config", required=True, help="ladder config YAML (an experiment + rungs)")
+    p.add_argument("--rungs", help="comma-separated subset of the rungs")
+    p.add_argument(
+        "--arms",
+        help="comma-separated subset of the arms; the other arms' results already in each "
+        "rung's folder stay in the reports when their settings are unchanged",
+    )
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
+    p.set_defaults(func=cmd_ladder)
 
     q = sub.add_parser(
         "quickstart",

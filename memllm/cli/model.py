@@ -28,8 +28,9 @@ def memory_config_from_file(path: str | Path):
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
-        default=DEFAULT_MODEL,
-        help=f"alias, local folder, .gguf file or hub id (default: {DEFAULT_MODEL}, bundled)",
+        default=None,
+        help="alias, local folder, .gguf file or hub id (default: the backbone --checkpoint was "
+        f"trained on, else {DEFAULT_MODEL}, bundled)",
     )
     parser.add_argument("--gguf-file", help="GGUF file name inside --model (a folder or hub repo)")
     parser.add_argument(
@@ -44,7 +45,15 @@ def load_model_with_memory(args):
     """The backbone named by ``args``, with what --checkpoint holds (memory, memory + LoRA, or
     LoRA only) or an untrained --memory attached."""
     import memllm
+    from memllm.core.checkpoint import verify_checkpoint
 
+    if getattr(args, "checkpoint", None):
+        # the checkpoint's files and backbone facts first: a bad or mismatched checkpoint is
+        # refused before a backbone is loaded (converting the bundled one takes a minute)
+        info = verify_checkpoint(args.checkpoint)
+        if args.model is None:
+            args.model = (info.backbone or {}).get("name") or DEFAULT_MODEL
+    args.model = args.model or DEFAULT_MODEL
     model, tokenizer = memllm.load_backbone(
         args.model, gguf_file=args.gguf_file, dtype=args.dtype, device=args.device
     )

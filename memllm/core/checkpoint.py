@@ -13,6 +13,10 @@ A checkpoint is a folder with
 
 The backbone is never written. Trainer checkpoints add their own files beside these
 (``trainer.pt``, ``state.json``, ``sp_head.safetensors``, ...); the loader ignores them.
+``manifest.json`` holds the sha256 of every file (:mod:`memllm.core.integrity`), checked on
+load; ``memory.safetensors`` also records the memory config it was written with, so an edited
+``memory_config.json`` that still fits the tensor shapes is refused too. Saving replaces the
+folder atomically, and only when it is empty or a memllm checkpoint.
 
 Loading is strict: another backbone, other sizes, a missing or an unexpected tensor is a
 one-line :class:`~memllm.errors.CheckpointError` naming the file and what differs, and the model
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,13 @@ from memllm.core.inject import (
     memory_config_dict,
     memory_modules,
     remove_memory,
+)
+from memllm.core.integrity import (
+    check_replaceable,
+    replace_dir,
+    sibling_tmp,
+    verify_manifest,
+    write_manifest,
 )
 from memllm.core.lora import (
     LoraSettings,
@@ -67,6 +77,7 @@ PEFT_PREFIX = "base_model.model."  # PEFT keys an adapter by its path inside a P
 LEGACY_ADAPTER_FILE = "adapter.safetensors"
 LEGACY_LORA_FILE = "lora_config.json"
 BACKBONE_KEYS = ("model_type", "num_layers", "hidden_size")
+MEMORY_METADATA = "memllm_memory"  # memory.safetensors' record of the config it was written with
 
 
 def _version() -> str:
@@ -97,21 +108,15 @@ def memory_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # -- writing ----------------------------------------------------------------------------------
 
 
-def _fresh_dir(target: Path) -> Path:
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
 def save_checkpoint(
     model: nn.Module, directory: str | os.PathLike, extra: dict | None = None
 ) -> Path:
     """Write what ``model`` trains (memory and/or LoRA adapter) to ``directory``, atomically.
 
-    The folder is replaced as a whole (written beside it, then renamed), so a file of an
-    earlier checkpoint can never change what this one loads as.
+    The folder is replaced as a whole (written beside it, fsynced, then swapped in), so a file of
+    an earlier checkpoint can never change what this one loads as. A folder that holds anything
+    but a memllm checkpoint is refused (:class:`~memllm.errors.CheckpointError`) before anything
+    is written; files the user added to a checkpoint folder are kept.
 
     Args:
         model: a model with a memory (:func:`~memllm.inject_memory`), a LoRA adapter
@@ -125,18 +130,17 @@ def save_checkpoint(
     with_memory, with_lora = has_memory(model), has_lora(model)
     if not (with_memory or with_lora):
         raise ValueError("this model has neither memory nor a LoRA adapter: nothing to save")
-    target = Path(directory)
+    # resolved first: "dir/inner/.." is "dir", whatever it holds, and is judged as such
+    target = Path(directory).expanduser().resolve()
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _fresh_dir(target)
+    tmp = sibling_tmp(target)
     facts = backbone_facts(model)
     if with_memory:
-        meta = {
-            "memllm_version": _version(),
-            "backbone": facts,
-            "memory": memory_config_dict(model),
-            **(extra or {}),
-        }
-        save_file(memory_state_dict(model), tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+        memory = memory_config_dict(model)
+        meta = {"memllm_version": _version(), "backbone": facts, "memory": memory, **(extra or {})}
+        metadata = {"format": "pt", MEMORY_METADATA: json.dumps(memory, sort_keys=True)}
+        save_file(memory_state_dict(model), tmp / WEIGHTS_FILE, metadata=metadata)
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     if with_lora:
         weights = {PEFT_PREFIX + k: v for k, v in adapter_state_dict(model).items()}
@@ -147,9 +151,8 @@ def save_checkpoint(
         }
         save_file(weights, tmp / ADAPTER_WEIGHTS_FILE, metadata=metadata)
         peft_config(lora_settings(model), facts["name"]).save_pretrained(str(tmp))
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    write_manifest(tmp)
+    replace_dir(tmp, target)
     return target
 
 
@@ -189,7 +192,9 @@ class CheckpointInfo:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{path}: not UTF-8 text (offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{path}: invalid JSON ({err.msg}, line {err.lineno})") from None
     if not isinstance(data, dict):
@@ -228,6 +233,8 @@ def read_checkpoint(directory: str | os.PathLike) -> CheckpointInfo:
         except ConfigError as err:
             raise CheckpointError(f"{directory / CONFIG_FILE}: {err}") from None
         info.backbone = meta.get("backbone") or None
+        if info.backbone is not None and not isinstance(info.backbone, dict):
+            raise CheckpointError(f"{directory / CONFIG_FILE}: 'backbone' must be an object")
     if (directory / ADAPTER_CONFIG_FILE).is_file():
         info.lora = settings_from_peft(
             _read_json(directory / ADAPTER_CONFIG_FILE), str(directory / ADAPTER_CONFIG_FILE)
@@ -260,6 +267,25 @@ def read_checkpoint(directory: str | os.PathLike) -> CheckpointInfo:
 
 
 # -- loading ----------------------------------------------------------------------------------
+
+# What the loader reads, and so what it verifies (trainer files beside them are the trainer's).
+LOADED_FILES = [
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    LEGACY_ADAPTER_FILE,
+    LEGACY_LORA_FILE,
+]
+
+
+def verify_checkpoint(directory: str | os.PathLike) -> CheckpointInfo:
+    """Read a checkpoint's configs and check its weight and config files against the sha256 in
+    its manifest (checkpoints of memllm ≤ 0.2 have none), without loading any weights; a
+    corrupt or edited file is a one-line :class:`~memllm.errors.CheckpointError`."""
+    if Path(directory).is_dir():
+        verify_manifest(directory, only=LOADED_FILES)
+    return read_checkpoint(directory)
 
 
 def _load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -315,10 +341,30 @@ def _check_parts(info: CheckpointInfo, model: nn.Module) -> None:
             raise CheckpointError(f"{info.directory}: {what}")
 
 
+def _check_written_config(info: CheckpointInfo, path: Path) -> None:
+    """``memory_config.json`` must be the config the tensors were written with (an edited
+    ``num_heads`` may still fit every shape, and would load as another model)."""
+    if not path.is_file():
+        return  # _load_weights names it
+    recorded = _adapter_metadata(path).get(MEMORY_METADATA)
+    if recorded is None:
+        return  # written by memllm ≤ 0.2
+    try:
+        written = json.loads(recorded)
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: corrupt {MEMORY_METADATA} metadata") from None
+    if written != info.memory_dict:
+        raise CheckpointError(
+            f"{info.directory / CONFIG_FILE}: does not match the config {path.name} was written "
+            f"with ({_first_difference(written, info.memory_dict or {})}); edited after saving?"
+        )
+
+
 def _load_memory_part(info: CheckpointInfo, model: nn.Module) -> None:
     path = info.directory / WEIGHTS_FILE
     modules = memory_modules(model)
     expected = {f"layers.{k}": v for k, v in modules.state_dict().items()}
+    _check_written_config(info, path)
     weights = _load_weights(path)
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
@@ -370,7 +416,7 @@ def load_checkpoint(
     Returns:
         The model.
     """
-    info = read_checkpoint(directory)
+    info = verify_checkpoint(directory)
     _check_backbone(info, model, check_name)
     if not attach:
         _check_parts(info, model)

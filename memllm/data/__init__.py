@@ -115,6 +115,13 @@ TASKS: dict[str, TaskSpec] = {
         "RecallTask",
         "K key->value facts hidden in book text, one key asked; closed-set match, known chance",
     ),
+    "qa": TaskSpec(
+        "qa",
+        "memllm.data.hf_source",
+        "QAOptions",
+        "QATask",
+        "your own context/question/answer records (local files or hub, via datasets); EM, F1",
+    ),
 }
 
 

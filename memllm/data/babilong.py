@@ -20,6 +20,11 @@ Sources of samples (option ``source``):
 a folder
     Local files in that layout: ``FOLDER/data/qaN/<length>.json`` (or ``FOLDER/qaN/<length>.json``
     or ``FOLDER/<length>/qaN.json``; a JSON list or JSON lines of ``{input, question, target}``).
+a dataset source mapping
+    Any local or hub dataset read through ``datasets``, with a field mapping
+    (:class:`memllm.data.hf_source.DatasetSource`), e.g. ``{path: my.jsonl, fields: {context:
+    story, question: q, answer: a}, split: test}``; ``{task}`` and ``{length}`` in its path,
+    name and split are filled in.
 
 Lengths (``0k``, ``1k``, ``2k``, ``4k`` … ``128k``, ``1M`` or any token count such as ``1536``)
 are the total budget in tokens, of which ``prompt_reserve`` (300, as the benchmark leaves for
@@ -80,9 +85,13 @@ from memllm.data.base import (
 )
 from memllm.data.distractors import load_documents
 from memllm.data.haystack import SentencePool, TokenCounter, build_context
+from memllm.data.hf_source import DatasetSource, load_records
 from memllm.errors import DataError
 
 log = logging.getLogger(__name__)
+
+CLOSED_SET_TASKS = ("qa1", "qa2", "qa3", "qa4", "qa5")
+"""Tasks whose answer is one label of the task: ``eval.closed_set`` can score them."""
 
 LENGTH_NAMES = ("0k", "1k", "2k", "4k", "8k", "16k", "32k", "64k", "128k", "256k", "512k", "1M")
 _LENGTH = re.compile(r"(\d+(?:\.\d+)?)([kKmM]?)")
@@ -114,9 +123,12 @@ class BabiLongOptions:
     num_train: int = field(default=1000, metadata={"help": "per task and length"})
     num_validation: int = field(default=100, metadata={"help": "per task and length"})
     num_test: int = field(default=100, metadata={"help": "per task and length"})
-    source: str = field(default="offline", metadata={"help": "offline | hf | a folder"})
-    train_source: str = field(
-        default="auto", metadata={"help": "auto | offline | hf | a folder (train/validation)"}
+    source: str | DatasetSource = field(
+        default="offline", metadata={"help": "offline | hf | a folder | a dataset source mapping"}
+    )
+    train_source: str | DatasetSource = field(
+        default="auto",
+        metadata={"help": "auto | offline | hf | a folder | a mapping (train/validation)"},
     )
     hf_test_dataset: str = "RMT-team/babilong"
     hf_train_dataset: str = "RMT-team/babilong-train-5k-samples"
@@ -511,7 +523,20 @@ class BabiLongTask(Task):
 
     def _from_records(self, split: str, task: str, length: str, source: str) -> list[Example]:
         o = self.options
-        if source == "hf":
+        if isinstance(source, DatasetSource):
+            # context/question/answer of any dataset, mapped to the published fields
+            filled = source.filled(task=task, length=length)
+            where = "source" if split == "test" else "train_source"
+            records = load_records(filled, ("context", "question", "answer"), where)
+            rows = validate_rows(
+                [
+                    {"input": r["context"], "question": r["question"], "target": r["answer"]}
+                    for r in records
+                ],
+                f"{filled.path} ({task}/{length})",
+            )
+            source = filled.path
+        elif source == "hf":
             dataset = o.hf_test_dataset if split == "test" else o.hf_train_dataset
             rows = load_hub(dataset, task, length)
         elif Path(source).expanduser().is_dir():
@@ -574,6 +599,13 @@ class BabiLongTask(Task):
                 for ex, out in zip(examples, outputs, strict=True)
             ]
         }
+
+    def answer_candidates(self, example: Example) -> tuple[str, ...] | None:
+        """``qa1``–``qa5`` answer with one label of the task (``eval.closed_set`` scores
+        each); the other tasks' answers (lists, counts, yes/no/maybe with reasoning) are not
+        scored that way here."""
+        task = example.meta.get("task")
+        return babilong_labels(task) if task in CLOSED_SET_TASKS else None
 
     def breakdown(self, examples: list[Example], tokenizer, reading: Reading) -> Breakdown | None:
         """The questions split by where their supporting facts are: all in the arms' last

@@ -134,6 +134,12 @@ class Task(Protocol):
         """Subsets of the examples worth reporting apart. Default: none."""
         return None
 
+    def answer_candidates(self, example: Example) -> Sequence[str] | None:
+        """The closed set ``example``'s answer comes from (recall's numbers, BabiLong qa1–qa5's
+        labels), scored one by one by ``eval.closed_set``
+        (:mod:`memllm.evaluation.closed_set`). Default: none (open answers)."""
+        return None
+
     def checkpoint_heads(
         self, checkpoint: str | Path, model, train: Mapping[str, Any]
     ) -> dict[str, Any]:

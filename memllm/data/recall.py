@@ -409,6 +409,10 @@ class RecallTask(Task):
         return example
 
     # -- scoring -------------------------------------------------------------------------------
+    def answer_candidates(self, example: Example) -> tuple[str, ...]:
+        """Every answer is one of :attr:`labels` (``eval.closed_set`` scores each)."""
+        return self.labels
+
     def score(self, examples: list[Example], outputs: list[str]) -> dict[str, list[float]]:
         """Per-example ``accuracy`` (1.0/0.0): :func:`recall_correct` on the closed label set."""
         check_lengths(examples, outputs, self.name)

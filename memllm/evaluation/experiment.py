@@ -23,7 +23,7 @@ import torch
 from memllm.core.config import to_dict
 from memllm.data.base import Breakdown, Reading
 from memllm.errors import ConfigError
-from memllm.evaluation import report, results
+from memllm.evaluation import carry, closed_set, report, results
 from memllm.evaluation.experiment_config import (
     ArmSettings,
     ExperimentConfig,
@@ -158,6 +158,7 @@ class Experiment:
             raise with_file(err, source) from None
         self.examples = select_examples(self.task, cfg.eval.split, cfg.eval.max_examples)
         self.max_new_tokens = cfg.eval.max_new_tokens or getattr(self.task, "max_new_tokens", 20)
+        self.candidates = self._closed_set_candidates()
         self.notes: list[str] = []
         self._backbone = None
         self._tokenizer = None  # of the last arm run: the task's breakdown reads prompts with it
@@ -193,8 +194,40 @@ class Experiment:
         if self._breakdown:
             b = self._breakdown
             results.add_breakdown(out, b.key, b.labels, b.description, references, order=b.order)
+        chance = self.chance()
+        if chance is not None:
+            out["experiment"]["chance"] = chance
+        labels = self._breakdown.labels if self._breakdown else None
+        carry.carry_checks(out, carry.control_pairs(self.cfg.arms), labels, seed=self.cfg.seed)
         self.paths = report.write_results(self.out, out)
         return out
+
+    def chance(self) -> float | None:
+        """The accuracy of a uniform guess, for tasks with a closed answer set: the task's own
+        ``chance``, else a uniform guess among each example's candidates; None otherwise."""
+        chance = getattr(self.task, "chance", None)
+        if isinstance(chance, (int, float)):
+            return float(chance)
+        candidates = [self.task.answer_candidates(ex) for ex in self.examples]
+        if candidates and all(candidates):
+            return closed_set.chance_level(candidates)
+        return None
+
+    def _closed_set_candidates(self) -> list | None:
+        """Each example's candidate answers under ``eval.closed_set`` (None when off)."""
+        if not self.cfg.eval.closed_set:
+            return None
+        candidates = [self.task.answer_candidates(ex) for ex in self.examples]
+        missing = next((e for e, c in zip(self.examples, candidates, strict=True) if not c), None)
+        if missing is not None:
+            raise with_file(
+                ConfigError(
+                    f"eval.closed_set: {missing.id} has no closed answer set (tasks that have "
+                    "one: recall, babilong qa1-qa5)"
+                ),
+                self.source,
+            )
+        return [list(c) for c in candidates]
 
     def _kept_arms(self) -> dict[str, dict[str, Any]]:
         """With ``--arms``, the other arms' results from this output folder's ``results.json``,
@@ -285,6 +318,21 @@ class Experiment:
             )
         eval_time = time.perf_counter() - eval_start
         scores = self.task.score(self.examples, outputs)
+        if self.candidates is not None:
+            with torch.no_grad():
+                likelihoods = closed_set.candidate_log_likelihoods(
+                    model,
+                    tokenizer,
+                    self.examples,
+                    self.candidates,
+                    segment_length=segment,
+                    chat=self.cfg.model.chat_template,
+                    context_tokens=None if arm.carry else segment,
+                    batch_size=self.cfg.eval.batch_size,
+                )
+            scores[closed_set.METRIC] = closed_set.closed_set_correct(
+                self.examples, self.candidates, likelihoods
+            )
         reading = Reading(
             segment,
             chat=self.cfg.model.chat_template,
@@ -313,6 +361,7 @@ class Experiment:
             trainable_params=params,
             seed=self.cfg.seed,
             train_log=train_log if train_log and train_log.is_file() else None,
+            descriptions=getattr(self.task, "metric_definitions", None),
             extra={"kind": arm.kind, "segment_length": segment},
         )
 
@@ -338,6 +387,8 @@ class Experiment:
         if not arm.carry:
             parts.append(D["no_carry"])
         text = "; ".join(parts) + (" + LoRA" if arm.lora is not None else "")
+        if kind == "kv_retrieval":  # nothing to train: not the identity-at-init ablation
+            return text
         return f"{text}; {D['untrained']}" if arm.untrained else text
 
     def _fresh_backbone(self):

@@ -23,7 +23,10 @@ options. The trained arms train and validate on it; every arm is evaluated on ``
 
 Every arm is scored on the same test examples with the task's official metric; results carry
 95 % intervals and paired tests against ``base`` and ``window``, or the arms ``compare_with``
-lists (see :mod:`memllm.evaluation.results`).
+lists (see :mod:`memllm.evaluation.results`). Each memory arm is also paired with its own
+no-carry control on the questions whose facts lie before the last segment, shown first in the
+report: the control of arm ``X`` is the arm named ``X_no_carry`` (``carry: false``); an
+untrained (training-free) memory arm's is ``window`` (:mod:`memllm.evaluation.carry`).
 """
 
 from __future__ import annotations
@@ -102,6 +105,12 @@ class ExperimentEval:
     max_examples: int | None = _help("examples per group (task/length); null = all", default=None)
     batch_size: int = _help("generation batch size", default=8)
     max_new_tokens: int | None = _help("generation length; null = the task's", default=None)
+    closed_set: bool = _help(
+        "also score closed_set_accuracy: the most likely of the task's candidate answers, "
+        "teacher-forced as the arm reads (tasks with a closed answer set: recall, BabiLong "
+        "qa1-qa5); reported beside the generative accuracy",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if self.max_examples is not None:

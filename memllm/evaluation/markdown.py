@@ -182,7 +182,11 @@ def render_markdown(
     ]
     if primary:
         facts.append(f"primary metric **{primary}**")
-    out += [" · ".join(facts), "", "## How to read this report", ""]
+    if not is_missing(exp.get("chance")):
+        facts.append(f"chance {_fmt_num(exp['chance'], True)} %")
+    out += [" · ".join(facts), ""]
+    out += carry_section(results)
+    out += ["## How to read this report", ""]
     out += [_HOW_TO_READ.format(alpha=ALPHA), ""]
 
     out += ["## Arms", ""]
@@ -196,6 +200,12 @@ def render_markdown(
         out += ["## Metrics", ""]
         rows = [[f"`{m}`", definitions.get(m, "–"), _interval_name(results, m)] for m in metrics]
         out += [_md_table(["metric", "definition", "95 % interval"], rows, align="lll"), ""]
+        if not is_missing(exp.get("chance")):
+            out += [
+                f"Chance (a uniform guess from the task's closed answer set): "
+                f"{_fmt_num(exp['chance'], True)} %.",
+                "",
+            ]
 
     out += ["## Main results", ""]
     shown = headline_metrics(results)
@@ -292,6 +302,63 @@ def render_markdown(
         out += ["## Config", "", "<details><summary>run config</summary>", "", "```json"]
         out += [json.dumps(exp["config"], indent=2, default=str), "```", "", "</details>", ""]
     return "\n".join(out)
+
+
+def carry_section(results: Mapping[str, Any]) -> list[str]:
+    """The "Does the memory carry?" table (``results["carry"]``,
+    :mod:`memllm.evaluation.carry`) as report lines; none when no arm has a control."""
+    info = results.get("carry") or {}
+    rows = []
+    for r in info.get("rows", []):
+        t = r.get("test")
+        rows.append(
+            [
+                r["arm"],
+                r["control"],
+                r["metric"],
+                str(r["n"]),
+                _fmt_summary(r["arm_summary"], True),
+                _fmt_summary(r["control_summary"], True),
+                _fmt_delta_cell(t, True).rsplit(" ", 1)[0] if t else "–",
+                _fmt_p(t["p_value"]) if t else "–",
+                "✔" if r["carries"] else "✗",
+            ]
+        )
+    if not rows:
+        return []
+    alpha = info.get("alpha", 0.01)
+    subset = info.get("subset", "all")
+    where = (
+        "the questions whose facts lie before the last segment (`facts earlier`)"
+        if subset != "all"
+        else "all questions (this task does not say where its facts are)"
+    )
+    chance = results.get("experiment", {}).get("chance")
+    chance_text = "" if is_missing(chance) else f" Chance is {_fmt_num(chance, True)} %."
+    headers = [
+        "arm",
+        "control",
+        "metric",
+        "n",
+        "arm (%)",
+        "control (%)",
+        "Δ [95% CI]",
+        "p",
+        "carries",
+    ]
+    return [
+        "## Does the memory carry?",
+        "",
+        f"Each memory arm against its own no-carry control (the same memory trained and "
+        f"evaluated on the last segment only; `window` for a memory that trains nothing), on "
+        f"{where}: accuracy [95 % Wilson interval], the paired difference in points with its "
+        f"bootstrap interval, and the exact McNemar p. ✔: the arm beats its control with "
+        f"p < {alpha}; only then did the memory carry something from earlier segments."
+        + chance_text,
+        "",
+        _md_table(headers, rows, align="lllrrrrrc"),
+        "",
+    ]
 
 
 def _arm_rows(results: Mapping[str, Any], metrics: Sequence[str], pct: set[str]) -> list[list]:

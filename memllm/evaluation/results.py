@@ -73,6 +73,8 @@ ARM_DESCRIPTIONS = {
     "latent": "gated latent memory (G-MemLLM) read segment by segment",
     "neural": "Titans neural memory (test-time gradient updates) read segment by segment",
     "episodic": "episodic memory: earlier segments' hidden states read by attention with recency",
+    "kv_retrieval": "training-free retrieval of earlier segments' keys/values at every attention "
+    "layer (InfLLM-style), no trained parameters",
     "no_gate": "no update gate (slots overwritten, G-MemLLM ablation)",
     "no_reg": "no sparsity/entropy regularisers (ablation)",
     "no_carry": "no-carry control: trained and evaluated on the last segment only, so nothing "

@@ -9,6 +9,12 @@ One :class:`LatentMemory` sits after a decoder layer. For each forward call (one
    values, padding masked), and a GRU-style gate ``g = σ(W[m; a])`` mixes the candidate into
    each slot: ``m' = g·a + (1−g)·m``.
 
+That write (``write: gmemllm``, the default, for faithful reproduction) cannot bind facts well:
+a slot's query depends on the slot only, and its softmax over tokens averages every token that
+matches it. ``write: slot_competition`` (tokens choose slots), ``write: delta`` (a delta-rule
+key→value matrix) and ``write_recency`` (later tokens can win) are ablations of the same module;
+their rules are in :mod:`memllm.memory.latent_write`. ``num_slots`` is the capacity knob of each.
+
 Reading before writing keeps the layer causal inside a segment: token t never sees a memory
 that holds tokens after t. It also means the memory does not learn within a call
 (``learns_within_call = False``): every token of a segment reads the state the segment started
@@ -31,7 +37,16 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from memllm.core.config import check
+from memllm.memory.latent_write import (
+    delta_keys,
+    delta_rule,
+    multihead_attention,
+    relative_positions,
+    slot_competition,
+)
 from memllm.memory.registry import register_memory
+
+WRITE_RULES = ("gmemllm", "slot_competition", "delta")
 
 MAX_SIZE = 65_536
 """Upper bound of ``num_slots`` and ``memory_dim`` (a config error beyond it)."""
@@ -59,6 +74,17 @@ class LatentMemoryConfig:
         default=0.01, metadata={"help": "λ_entropy: weight of the slot-usage entropy bonus"}
     )
     dropout: float = field(default=0.0, metadata={"help": "dropout on the read-out"})
+    write: Literal["gmemllm", "slot_competition", "delta"] = field(
+        default="gmemllm",
+        metadata={
+            "help": "write rule: gmemllm (slots attend over tokens, G-MemLLM); slot_competition "
+            "(tokens choose slots, softmax over slots); delta (delta-rule key->value matrix)"
+        },
+    )
+    write_recency: bool = field(
+        default=False,
+        metadata={"help": "learned recency term in the write, so later tokens can win"},
+    )
 
     def __post_init__(self) -> None:
         check(len(self.layer_ids) > 0, "layer_ids", "needs at least one layer")
@@ -83,38 +109,15 @@ class LatentMemoryConfig:
         check(self.sparsity_weight >= 0, "sparsity_weight", "must be >= 0")
         check(self.entropy_weight >= 0, "entropy_weight", "must be >= 0")
         check(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
-
-
-def multihead_attention(
-    query: Tensor, key: Tensor, value: Tensor, num_heads: int, key_mask: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
-    """Scaled dot-product attention over ``num_heads`` heads.
-
-    Args:
-        query: (B, Q, D); key, value: (B, K, D).
-        key_mask: (B, K) bool, True where a key may be attended to.
-
-    Returns:
-        The output (B, Q, D) and the attention weights (B, heads, Q, K). A query whose keys are
-        all masked gets a zero output and zero weights instead of NaN.
-    """
-    q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=num_heads) for t in (query, key, value))
-    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / math.sqrt(q.shape[-1])
-    if key_mask is not None:
-        allowed = key_mask[:, None, None, :]
-        scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-        weights = scores.softmax(-1) * allowed
-    else:
-        weights = scores.softmax(-1)
-    out = torch.einsum("bhqk,bhkd->bhqd", weights, v)
-    return rearrange(out, "b h n d -> b n (h d)"), weights
+        check(self.write in WRITE_RULES, "write", f"must be one of {', '.join(WRITE_RULES)}")
 
 
 @register_memory("latent", LatentMemoryConfig)
 class LatentMemory(nn.Module):
     """One gated latent memory bank attached after a decoder layer.
 
-    State: a tensor (batch, num_slots, memory_dim) — the slots of each example.
+    State: a tensor (batch, num_slots, memory_dim) — the slots of each example, whatever the
+    write rule (for ``delta``, per head the columns of its key→value matrix).
     """
 
     learns_within_call = False  # reads the state the call starts from, then writes
@@ -123,20 +126,32 @@ class LatentMemory(nn.Module):
     def __init__(self, config: LatentMemoryConfig, hidden_size: int) -> None:
         super().__init__()
         self.config = config
-        d = config.memory_dim
-        self.initial_slots = nn.Parameter(torch.randn(config.num_slots, d) / math.sqrt(d))
+        d, slots, heads = config.memory_dim, config.num_slots, config.num_heads
+        delta = config.write == "delta"
+        self.initial_slots = nn.Parameter(torch.randn(slots, d) / math.sqrt(d))
         self.hidden_norm = nn.LayerNorm(hidden_size)
-        # write path: hidden → memory space, then slot queries attend over it
+        # write path: hidden → memory space, then keys/values of the tokens
         self.encoder = nn.Linear(hidden_size, d)
-        self.write_query = nn.Linear(d, d)
-        self.write_key = nn.Linear(d, d)
         self.write_value = nn.Linear(d, d)
-        # Only built when used: the ablation must not count (or save) weights it never trains.
-        self.update_gate = nn.Linear(2 * d, d) if config.update_gate else None
+        # Layers are only built when the write rule uses them: a config must not count (or save)
+        # weights it never trains.
+        if delta:
+            self.write_key = nn.Linear(d, heads * slots)  # a key over the slots, per head
+            self.write_strength = nn.Linear(d, heads)  # logit of the step size β
+            self.update_gate = None
+        else:
+            self.write_query = nn.Linear(d, d)
+            self.write_key = nn.Linear(d, d)
+            self.update_gate = nn.Linear(2 * d, d) if config.update_gate else None
+        # per-head slope of the recency term (zero: no preference until trained)
+        self.write_recency = nn.Parameter(torch.zeros(heads)) if config.write_recency else None
         # read path: hidden queries the slots, read-out decoded to hidden width
-        self.read_query = nn.Linear(hidden_size, d)
-        self.read_key = nn.Linear(d, d)
-        self.read_value = nn.Linear(d, d)
+        if delta:
+            self.read_query = nn.Linear(hidden_size, heads * slots)  # a key over the slots
+        else:
+            self.read_query = nn.Linear(hidden_size, d)
+            self.read_key = nn.Linear(d, d)
+            self.read_value = nn.Linear(d, d)
         self.decoder = nn.Linear(d, hidden_size)
         self.importance = nn.Linear(d, 1)
         self.dropout = nn.Dropout(config.dropout)
@@ -152,29 +167,81 @@ class LatentMemory(nn.Module):
         return torch.sigmoid(self.importance(slots)).squeeze(-1)
 
     def read(self, hidden: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """Read-out (B, T, hidden) for every token from ``slots``, and the slot importance."""
+        """Read-out (B, T, hidden) for every token from ``slots``, and the slot importance.
+
+        Each slot's contribution is scaled by its importance, whatever the write rule.
+        """
         importance = self.slot_importance(slots)
-        values = self.read_value(slots) * importance.unsqueeze(-1)
-        out, _ = multihead_attention(
-            self.read_query(hidden), self.read_key(slots), values, self.config.num_heads
-        )
+        heads = self.config.num_heads
+        if self.config.write == "delta":
+            # M q per head: the query is a key over the slots
+            query = delta_keys(self.read_query(hidden), heads)
+            weighted = rearrange(slots * importance.unsqueeze(-1), "b s (h d) -> b s h d", h=heads)
+            out = rearrange(
+                torch.einsum("bths,bshd->bthd", query, weighted), "b t h d -> b t (h d)"
+            )
+        else:
+            values = self.read_value(slots) * importance.unsqueeze(-1)
+            out, _ = multihead_attention(
+                self.read_query(hidden), self.read_key(slots), values, heads
+            )
         return self.decoder(self.dropout(out)), importance
 
+    def recency(self, mask: Tensor) -> Tensor | None:
+        """Log-weight of each token's write, ``r_h · position`` (B, heads, T), or None."""
+        if self.write_recency is None:
+            return None
+        return self.write_recency[None, :, None] * relative_positions(mask)[:, None, :]
+
     def write(self, hidden: Tensor, slots: Tensor, mask: Tensor) -> Tensor:
-        """New slots after attending to this segment's hidden states (padding masked)."""
+        """New slots after writing this segment's hidden states (padding masked)."""
         encoded = self.encoder(hidden)
-        candidate, _ = multihead_attention(
-            self.write_query(slots),
-            self.write_key(encoded),
-            self.write_value(encoded),
-            self.config.num_heads,
-            key_mask=mask,
-        )
-        if self.update_gate is not None:
-            gate = torch.sigmoid(self.update_gate(torch.cat([slots, candidate], dim=-1)))
-            new = gate * candidate + (1 - gate) * slots
+        values = self.write_value(encoded)
+        recency = self.recency(mask)
+        heads = self.config.num_heads
+        if self.config.write == "delta":
+            logit = self.write_strength(encoded)
+            if recency is not None:
+                logit = logit + recency.transpose(1, 2)
+            beta = torch.sigmoid(logit) * mask[..., None]  # a padded token writes nothing
+            split = "b n (h d) -> b n h d"
+            new = delta_rule(
+                rearrange(slots, split, h=heads),
+                delta_keys(self.write_key(encoded), heads),
+                rearrange(values, split, h=heads),
+                beta,
+            )
+            new = rearrange(new, "b s h d -> b s (h d)")
         else:
-            new = candidate
+            if self.config.write == "slot_competition":
+                candidate, won = slot_competition(
+                    self.write_query(slots),
+                    self.write_key(encoded),
+                    values,
+                    heads,
+                    mask,
+                    recency,
+                )
+                # A slot that won no token keeps its content: strength 1 − e^(−tokens won).
+                strength = 1 - torch.exp(-won)
+                strength = strength.repeat_interleave(self.config.memory_dim // heads, dim=1)
+                strength = rearrange(strength, "b d s -> b s d")
+            else:
+                candidate, _ = multihead_attention(
+                    self.write_query(slots),
+                    self.write_key(encoded),
+                    values,
+                    heads,
+                    key_mask=mask,
+                    key_bias=recency,
+                )
+                strength = 1.0
+            if self.update_gate is not None:
+                gate = torch.sigmoid(self.update_gate(torch.cat([slots, candidate], dim=-1)))
+            else:
+                gate = torch.ones_like(candidate)
+            gate = gate * strength
+            new = gate * candidate + (1 - gate) * slots
         # An example whose segment is all padding keeps its memory unchanged.
         has_tokens = mask.any(dim=1)[:, None, None]
         return torch.where(has_tokens, new, slots)

@@ -56,6 +56,16 @@ from memllm.core.config import check
 from memllm.memory.neural_update import State, chunked_update, pack, read
 from memllm.memory.registry import register_memory
 
+# The defaults before the retention diagnostic (memllm.memory.diagnostics; docs/neural_memory.md,
+# "Retention"): with them one token's trace in M(k) peaks near 2e-3 of the value and is ~3e-7
+# after 512 tokens. Pass them as config keys to reproduce earlier runs.
+PREVIOUS_DEFAULTS = {
+    "forget_bias": -4.0,
+    "momentum_bias": 2.0,
+    "max_adaptive_lr": 1e-2,
+    "max_grad_norm": 1.0,
+}
+
 
 @dataclass
 class NeuralMemoryConfig:
@@ -81,14 +91,14 @@ class NeuralMemoryConfig:
         default=2.0, metadata={"help": "hidden width of the memory MLP / memory_dim"}
     )
     max_adaptive_lr: float = field(
-        default=1e-2, metadata={"help": "upper bound of the data-dependent learning rate θ"}
+        default=0.4, metadata={"help": "upper bound of the data-dependent learning rate θ"}
     )
     chunk_size: int = field(
         default=64,
         metadata={"help": "tokens whose gradients are taken at the same weights (1 = per token)"},
     )
     max_grad_norm: float | None = field(
-        default=1.0,
+        default=10.0,
         metadata={
             "help": "soft bound on each token's update gradient norm (keeps the inner loop "
             "from diverging); null = none, as written in Titans"
@@ -102,10 +112,10 @@ class NeuralMemoryConfig:
         },
     )
     forget_bias: float = field(
-        default=-4.0, metadata={"help": "initial bias of the forget gate's logit (α = σ(·))"}
+        default=-9.0, metadata={"help": "initial bias of the forget gate's logit (α = σ(·))"}
     )
     momentum_bias: float = field(
-        default=2.0, metadata={"help": "initial bias of the momentum gate's logit (η = σ(·))"}
+        default=-2.0, metadata={"help": "initial bias of the momentum gate's logit (η = σ(·))"}
     )
     lr_bias: float = field(
         default=0.0, metadata={"help": "initial bias of the learning-rate logit (θ = max·σ(·))"}
@@ -376,4 +386,4 @@ def neural_diagnostics(session: Any) -> dict[str, Any]:
     return out
 
 
-__all__ = ["NeuralMemory", "NeuralMemoryConfig", "neural_diagnostics"]
+__all__ = ["PREVIOUS_DEFAULTS", "NeuralMemory", "NeuralMemoryConfig", "neural_diagnostics"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -38,10 +37,13 @@ def memory_forward(
     *,
     cache: FeatureCache | None = None,
     state: dict[int, Any] | None = None,
+    keep_logits: bool = False,
 ) -> tuple[SegmentOutput, dict[str, float], MemorySession]:
     """Loss of one batch segment by segment in a memory session started from ``state`` (None:
-    a fresh memory), through the feature cache when it holds the batch (recording it when
-    not); also the memory diagnostics averaged over segments, and the session (closed)."""
+    a fresh memory), through the feature cache when there is one (validation batches too:
+    their backbone features never change either); also the memory diagnostics averaged over
+    segments, and the session (closed). ``keep_logits``: the output also holds the last
+    segment's logits at every position (distillation)."""
     with (
         memory_session(model, state) as session,
         collect_diagnostics(model) as diagnostics,
@@ -52,16 +54,10 @@ def memory_forward(
             "bptt_segments": settings.bptt_segments,
         }
         args = (batch.attention_mask, batch.labels)
-        # validation batches use the cache too: their backbone features never change either
-        if cache is not None and cache.has(batch.ids):
-            out = cache.forward(batch.ids, *args, **kwargs)
+        if cache is not None:  # replays the segments it holds, records the others
+            out = cache.forward(batch.input_ids, *args, keep_logits=keep_logits, **kwargs)
         else:
-            # (``cache is not None``: an empty cache is falsy, it has a length)
-            recording = (
-                nullcontext() if cache is None else cache.record(batch.ids, batch.attention_mask)
-            )
-            with recording:
-                out = forward_segments(model, batch.input_ids, *args, keep_logits=False, **kwargs)
+            out = forward_segments(model, batch.input_ids, *args, keep_logits=keep_logits, **kwargs)
     return out, diagnostics, session
 
 

@@ -36,6 +36,10 @@ class TrainerPlugin(Protocol):
         reads_all_positions: whether :meth:`observe` needs the final hidden state of every
             position (the feature cache then final-norms whole segments, not only the labelled
             tail).
+
+    A plug-in with ``needs_last_logits = True`` (optional attribute; the distillation loss)
+    gets the student's last-segment logits at every position as ``observed`` instead of what
+    :meth:`observe` yields.
     """
 
     name: str
@@ -85,6 +89,18 @@ def build_plugins(
                     seed=cfg.seed,
                     chat=cfg.model.chat_template,
                     device=device,
+                )
+            )
+        if cfg.train.distill is not None:
+            from memllm.training.distill import DistillPlugin
+
+            plugins.append(
+                DistillPlugin(
+                    model,
+                    cfg.train.distill,
+                    segment_length=cfg.train.segment_length,
+                    model_name=cfg.model.name,
+                    dtype=cfg.model.dtype,
                 )
             )
     except ConfigError as err:

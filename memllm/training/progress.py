@@ -26,6 +26,8 @@ class RunState:
     last_eval_step: int | None = None
     stopped_early: bool = False
     tokens_seen: int = 0
+    stage: int = 0  # train.curriculum: the current stage and the step it began at
+    stage_start: int = 0
 
     def record_eval(self, value: float, settings: EvalSettings) -> bool:
         """Update best / patience with a validation's metric; True when it improved."""

@@ -34,6 +34,8 @@ from memllm.core.config import (
     to_dict,
 )
 from memllm.errors import ConfigError
+from memllm.training.curriculum import CurriculumStage, check_curriculum
+from memllm.training.distill import DistillSettings
 
 
 @dataclass
@@ -125,8 +127,8 @@ class TrainSettings:
     feature_cache: bool = field(
         default=False,
         metadata={
-            "help": "latent memory at one layer, no LoRA: record that layer's output once; "
-            "later steps run only the memory and the layers above it where there are labels"
+            "help": "record what the frozen layers below the lowest memory (or LoRA) layer "
+            "compute, once per distinct segment; later steps run only the layers from there up"
         },
     )
     supporting_facts_weight: float = field(
@@ -134,6 +136,20 @@ class TrainSettings:
         metadata={
             "help": "hotpotqa: also train a supporting-fact head on the final hidden states; "
             "loss += weight × its BCE (0 = no head)"
+        },
+    )
+    curriculum: list[CurriculumStage] = field(
+        default_factory=list,
+        metadata={
+            "help": "stages [{steps | until: {metric, value}, data: {...}, segments | "
+            "max_length}], easy to hard; needs max_steps (docs/training.md)"
+        },
+    )
+    distill: Any = field(
+        default=None,
+        metadata={
+            "help": "null, or {teacher: base | checkpoint folder, weight, temperature, top_k}: "
+            "loss += weight × T²·KL(teacher ‖ memory) on the last segment"
         },
     )
     save_every: int = field(
@@ -166,6 +182,12 @@ class TrainSettings:
         check(self.supporting_facts_weight >= 0, "supporting_facts_weight", "must be >= 0")
         check(self.save_every >= 0, "save_every", "must be >= 0")
         check(self.keep_last >= 1, "keep_last", f"must be >= 1, got {self.keep_last}")
+        check_curriculum(self.curriculum, self.max_steps)
+        # parsed here (not by the type) so that an error names train.distill.<key>
+        if isinstance(self.distill, dict):
+            self.distill = from_dict(DistillSettings, self.distill, prefix="distill.")
+        elif self.distill is not None and not isinstance(self.distill, DistillSettings):
+            raise ConfigError(f"distill: expected null or a mapping, got {self.distill!r}")
 
 
 @dataclass
@@ -331,12 +353,13 @@ class RunConfig:
             f"supporting facts are HotpotQA's; data.task is {self.data['task']!r} (set it to 0)",
         )
         if self.train.feature_cache:
-            check(
-                self.lora is None,
-                "train.feature_cache",
-                "needs a frozen backbone: LoRA changes the backbone's hidden states",
-            )
             check(self.memory is not None, "train.feature_cache", "needs a memory")
+        if self.train.distill is not None:
+            check(
+                self.memory is not None,
+                "train.distill",
+                "needs a memory: the student reads the input segment by segment",
+            )
 
     @property
     def task_options(self) -> dict[str, Any]:

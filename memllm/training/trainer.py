@@ -45,6 +45,7 @@ from memllm.core.segments import SegmentOutput
 from memllm.errors import ConfigError, MemllmError
 from memllm.training import checkpointing as ckpt
 from memllm.training.checkpointing import CHECKPOINTS, latest_checkpoint, latest_step, step_dir
+from memllm.training.curriculum import stage_config, stage_steps_done, stage_threshold_met
 from memllm.training.data import (
     Batch,
     Item,
@@ -63,6 +64,7 @@ from memllm.training.forward import (
     trainable_parameters,
     window_forward,
 )
+from memllm.training.lock import OutputLock
 from memllm.training.plugins import TrainerPlugin, build_plugins
 from memllm.training.progress import RunState, time_is_up, window_record
 from memllm.training.run_config import RunConfig, with_file
@@ -114,11 +116,15 @@ class Trainer:
         )
         self.world, self.rank = acc.num_processes, acc.process_index
         self.out = Path(cfg.output_dir)
+        # one run per output folder: refused here, before anything is built or written
+        self._lock = OutputLock(self.out).acquire() if acc.is_main_process else None
         set_seed(cfg.seed)
+        self._given_task = task is not None
         self.task = task if task is not None else build_task(cfg, source)
 
         model, tokenizer = build_model(cfg, source)
         self.model, self.tokenizer = model.to(acc.device), tokenizer
+        self._order_key: tuple[int, int] | None = None  # (stage, epoch) of the example order
         self.has_memory = has_memory(model)
         model.requires_grad_(False)
         if plugins is None:
@@ -139,23 +145,10 @@ class Trainer:
         # stepped by hand (accelerate's wrapper would step it once per process).
         self.optimizer = acc.prepare_optimizer(optimizer)
 
-        self.train_items, train_examples, self.eval_items, self.eval_examples = encode_run(
-            self.task, tokenizer, cfg, self.has_memory
-        )
-        for plugin in plugins:
-            plugin.prepare(self.train_items, train_examples)
-            plugin.prepare(self.eval_items, self.eval_examples)
         self.global_batch = t.batch_size * t.grad_accum_steps * self.world
-        self.steps_per_epoch = len(self.train_items) // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise with_file(
-                ConfigError(
-                    f"train.batch_size: one global batch is {self.global_batch} examples "
-                    f"(batch_size × grad_accum_steps × {self.world} processes) but the train "
-                    f"split has {len(self.train_items)}"
-                ),
-                source,
-            )
+        self.state = RunState()  # (set here too: the curriculum stage picks the data)
+        self._check_stages()
+        self._build_data()
         self.total_steps = t.max_steps or t.epochs * self.steps_per_epoch
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer,
@@ -163,6 +156,8 @@ class Trainer:
         )
         self.cache = self._feature_cache()
         self.state = RunState()
+        self.window: list[dict[str, float]] = []  # step stats since the last log record
+        self.setting_changes: list[dict[str, Any]] = []  # allowed on resumes after a NaN stop
         self.memory_state = None  # carried across batches only with train.persistent_memory
         self.timed_out = False  # set when train.max_minutes stops the run
         self._check_eval_metric()
@@ -180,12 +175,81 @@ class Trainer:
             for p in self.params:
                 p.data.copy_(broadcast(p.data.contiguous(), from_process=0))
 
+    def _build_data(self) -> None:
+        """Encode the train and validation data of the current curriculum stage (the run's
+        data when there is no curriculum)."""
+        cfg, task = self.cfg, self.task
+        if cfg.train.curriculum:
+            cfg = stage_config(self.cfg, self.state.stage)
+            task = self._stage_task(self.state.stage, cfg)
+        self.train_items, train_examples, self.eval_items, self.eval_examples = encode_run(
+            task, self.tokenizer, cfg, self.has_memory
+        )
+        self.stage_task = task
+        for plugin in self.plugins:
+            plugin.prepare(self.train_items, train_examples)
+            plugin.prepare(self.eval_items, self.eval_examples)
+        self.steps_per_epoch = len(self.train_items) // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise with_file(
+                ConfigError(
+                    f"train.batch_size: one global batch is {self.global_batch} examples "
+                    f"(batch_size × grad_accum_steps × {self.world} processes) but the train "
+                    f"split has {len(self.train_items)}"
+                ),
+                self.source,
+            )
+
+    def _stage_task(self, index: int, cfg: RunConfig):
+        """The task of curriculum stage ``index`` (the run's own when the stage changes no data
+        option; a task object passed in must offer ``with_options`` to be changed)."""
+        overrides = self.cfg.train.curriculum[index].data
+        if not overrides:
+            return self.task
+        if self._given_task:
+            if not hasattr(self.task, "with_options"):
+                raise with_file(
+                    ConfigError(
+                        f"train.curriculum[{index}].data: the task was passed in as an object "
+                        "without with_options; build it from the data section"
+                    ),
+                    self.source,
+                )
+            return self.task.with_options(overrides)
+        try:
+            return build_task(cfg, self.source)
+        except ConfigError as err:  # name the stage, not only data.<key>
+            detail = str(err).removeprefix(f"{self.source}: ") if self.source else str(err)
+            raise with_file(
+                ConfigError(f"train.curriculum[{index}]: {detail}"), self.source
+            ) from None
+
+    def _check_stages(self) -> None:
+        """Build every stage's task once up front, so a bad option fails before training."""
+        for index in range(len(self.cfg.train.curriculum)):
+            self._stage_task(index, stage_config(self.cfg, index))
+
+    def _advance_stage(self, logger, why: str) -> None:
+        """Start the next curriculum stage: new data, its own example order from step 0."""
+        self.state.stage += 1
+        self.state.stage_start = self.state.step
+        self._build_data()
+        # the best validation so far was measured on easier data: the new stage starts afresh
+        self.state.best_metric, self.state.bad_evals = None, 0
+        self._order_key = None
+        logger.log(
+            self.state.step,
+            {"stage": self.state.stage, "reason": why, "train_examples": len(self.train_items)},
+            kind="curriculum",
+        )
+        self._info("curriculum: stage %d from step %d (%s)", self.state.stage, self.state.step, why)
+
     def _feature_cache(self):
         if not self.cfg.train.feature_cache:
             return None
         from memllm.training.feature_cache import FeatureCache, unsupported_reason
 
-        if reason := unsupported_reason(self.model, has_lora=self.cfg.lora is not None):
+        if reason := unsupported_reason(self.model):
             raise with_file(ConfigError(f"train.feature_cache: {reason}"), self.source)
         cache = FeatureCache(self.model)
         cache.full_hidden = any(p.reads_all_positions for p in self.plugins)
@@ -210,7 +274,12 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             observed = [stack.enter_context(p.observe(self.model)) for p in self.plugins]
             out, diagnostics = self._forward_model(batch, training=training)
-        losses = [p.loss(batch, seen) for p, seen in zip(self.plugins, observed, strict=True)]
+        # plug-ins that compare the student's last-segment logits (distillation) get those
+        seen = [
+            out.logits if getattr(p, "needs_last_logits", False) else o
+            for p, o in zip(self.plugins, observed, strict=True)
+        ]
+        losses = [p.loss(batch, o) for p, o in zip(self.plugins, seen, strict=True)]
         return out, diagnostics, losses
 
     def _forward_model(self, batch: Batch, *, training: bool):
@@ -219,8 +288,9 @@ class Trainer:
             return window_forward(self.model, batch), {}
         carry = self.cfg.train.persistent_memory and training
         state = self.memory_state if carry else None
+        keep = any(getattr(p, "needs_last_logits", False) for p in self.plugins)
         out, diagnostics, session = memory_forward(
-            self.model, batch, self.cfg.train, cache=self.cache, state=state
+            self.model, batch, self.cfg.train, cache=self.cache, state=state, keep_logits=keep
         )
         if carry:
             session.detach()
@@ -265,16 +335,18 @@ class Trainer:
         for plugin in self.plugins:
             total = total + plugin.weight * extra_terms[f"{plugin.name}_loss"]
         if not math.isfinite(total):
-            self._diverged(
-                f"the loss is {total} (task {task_loss}, memory {aux_loss}, {extra_terms})"
-            )
+            self._diverged(self._first_nonfinite(diagnostics, task_loss, aux_loss, extra_terms))
         self._all_reduce_gradients()
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
         if acc.scaler is None and not math.isfinite(grad_norm):
-            self._diverged(f"the gradient norm is {grad_norm}")
+            name = self._first_nonfinite_param(grad=True)
+            self._diverged(f"the gradient of {name} is non-finite")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
+        if not all(bool(p.isfinite().all()) for p in self.params):  # never checkpoint NaN weights
+            name = self._first_nonfinite_param(grad=False)
+            self._diverged(f"the update made {name} non-finite", updated=True)
         if not acc.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule step
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -309,13 +381,52 @@ class Trainer:
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
             offset += p.numel()
 
-    def _diverged(self, what: str) -> None:
+    def _first_nonfinite(self, diagnostics, task_loss, aux_loss, extra_terms) -> str:
+        """The first non-finite value of the step, upstream first: memory state, then losses."""
+        from torch.utils._pytree import tree_leaves
+
+        carried = [x for x in tree_leaves(self.memory_state) if isinstance(x, Tensor)]
+        if any(not bool(x.isfinite().all()) for x in carried):
+            return "the carried memory state is non-finite"
+        for key, value in diagnostics.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"the memory's {key} is {value}"
+        terms = {"task loss": task_loss, "memory loss": aux_loss, **extra_terms}
+        for name, value in terms.items():
+            if not math.isfinite(value):
+                return f"the {name.replace('_', ' ')} is {value}"
+        return "the loss is non-finite"
+
+    def _first_nonfinite_param(self, *, grad: bool) -> str:
+        """The name of the first trainable tensor (or its gradient) that is NaN/inf."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        for p in self.params:
+            x = p.grad if grad else p
+            if x is not None and not bool(x.isfinite().all()):
+                return names.get(id(p), "a plug-in parameter")
+        return "a trainable parameter"
+
+    def _diverged(self, what: str, *, updated: bool = False) -> None:
+        """Stop on a NaN/inf: one line with the step, the first non-finite value and what to
+        change; ``diverged.json`` lets the resume of the last good checkpoint change it."""
+        step, t = self.state.step + 1, self.cfg.train
         last = latest_checkpoint(self.out)
-        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        raise TrainingDiverged(
-            f"{what} at step {self.state.step + 1}; stopped before updating the weights — {kept} "
-            "(try a lower train.lr or train.max_grad_norm)"
+        change = (
+            f"a lower train.lr (now {t.lr:g}) or a smaller train.max_grad_norm "
+            f"(now {t.max_grad_norm})"
         )
+        if last is None:
+            then = f"no checkpoint was written yet: rerun with {change}"
+        else:
+            then = (
+                f"the last good checkpoint is {last}: rerun in the same output_dir with "
+                f"{change} to resume from it"
+            )
+            if self.accelerator.is_main_process:
+                record = {"step": step, "what": what, "checkpoint": latest_step(self.out)}
+                ckpt.write_diverged(self.out, record)
+        done = "after updating the weights (not saved)" if updated else "before updating them"
+        raise TrainingDiverged(f"step {step}: {what}; stopped {done} — {then}")
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
@@ -365,18 +476,21 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Train to the end (resuming the folder's newest good checkpoint); the output folder's
+        lock is held until this returns or raises."""
+        try:
+            return self._run()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+    def _run(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         from memllm.training.logging_utils import RunLogger
 
         acc, cfg = self.accelerator, self.cfg
-        checkpoint = latest_checkpoint(self.out)
-        if self.resume and checkpoint is None:
-            raise MemllmError(f"--resume: no complete checkpoint in {self.out / CHECKPOINTS}")
-        if checkpoint is not None:
-            ckpt.check_same_run(self.out, self.cfg)
-            self.load_checkpoint(checkpoint)
-            self._info("resuming from %s (step %d)", checkpoint, self.state.step)
+        self._resume_from_checkpoint()
         if acc.is_main_process:
             ckpt.write_run_config(self.out, cfg)
         logger = RunLogger(
@@ -392,18 +506,23 @@ class Trainer:
             dynamic_ncols=True,
         )
         set_train_mode(self.model, True)
-        window: list[dict[str, float]] = []  # step stats since the last log record
-        started, order_epoch, order = time.time(), -1, []
+        started, order = time.time(), []
         try:
             while (
                 self.state.step < self.total_steps
                 and not self.state.stopped_early
                 and not self._out_of_time(started)
             ):
-                epoch, position = divmod(self.state.step, self.steps_per_epoch)
-                if epoch != order_epoch:
-                    order_epoch = epoch
-                    order = epoch_order(len(self.train_items), cfg.seed, epoch, cfg.train.shuffle)
+                # epochs count from the stage's first step (0 without a curriculum)
+                stage = self.state.stage
+                epoch, position = divmod(
+                    self.state.step - self.state.stage_start, self.steps_per_epoch
+                )
+                if self._order_key != (stage, epoch):
+                    self._order_key = (stage, epoch)
+                    # stage 0 keeps the order a run without a curriculum has
+                    seed = cfg.seed + 7_919 * stage
+                    order = epoch_order(len(self.train_items), seed, epoch, cfg.train.shuffle)
                     self._log_cache(logger)
                 t = cfg.train
                 indices = micro_batches(
@@ -415,11 +534,11 @@ class Trainer:
                 stats["seconds"] = time.perf_counter() - tick  # excludes validation and saving
                 self.state.step += 1
                 self.state.tokens_seen += int(stats["tokens"])
-                window.append(stats)
+                self.window.append(stats)
                 bar.update(1)
                 if self.state.step % cfg.log.every == 0 or self.state.step == self.total_steps:
-                    self._log_train(logger, bar, window)
-                    window = []
+                    self._log_train(logger, bar, self.window)
+                    self.window = []
                 self._after_step(logger)
             if self.state.last_eval_step != self.state.step:
                 self._evaluate_and_log(logger)
@@ -455,8 +574,16 @@ class Trainer:
         cfg, step = self.cfg, self.state.step
         improved = False
         eval_due = cfg.eval.every and step % cfg.eval.every == 0
+        result = None
         if eval_due or step == self.total_steps:
-            improved = self._evaluate_and_log(logger)
+            improved, result = self._evaluate_and_log(logger, with_result=True)
+        if cfg.train.curriculum and step < self.total_steps:
+            index, done = self.state.stage, step - self.state.stage_start
+            if result is not None and stage_threshold_met(cfg, index, result):
+                until = cfg.train.curriculum[index].until
+                self._advance_stage(logger, f"{until.metric} reached {until.value}")
+            elif stage_steps_done(cfg, index, done):
+                self._advance_stage(logger, f"{done} steps")
         save_due = cfg.train.save_every and step % cfg.train.save_every == 0
         # the best checkpoint must exist on disk, so an improving validation saves one
         if save_due or improved or self.state.stopped_early or step == self.total_steps:
@@ -471,7 +598,7 @@ class Trainer:
                 self.state.best_step,
             )
 
-    def _evaluate_and_log(self, logger) -> bool:
+    def _evaluate_and_log(self, logger, with_result: bool = False):
         result = self.evaluate()
         improved = self.state.record_eval(result[self.cfg.eval.metric], self.cfg.eval)
         logger.log(self.state.step, {**result, "best": improved}, kind="eval")
@@ -480,15 +607,11 @@ class Trainer:
             self.state.step,
             ", ".join(f"{k} {v:.4f}" for k, v in result.items()),
         )
-        return improved
+        return (improved, result) if with_result else improved
 
     def _log_cache(self, logger) -> None:
         if self.cache is not None and len(self.cache):
-            logger.log(
-                self.state.step,
-                {"examples": len(self.cache), "megabytes": self.cache.nbytes / 2**20},
-                kind="feature_cache",
-            )
+            logger.log(self.state.step, self.cache.stats(), kind="feature_cache")
 
     def _finish(self, seconds: float) -> TrainResult:
         acc = self.accelerator
@@ -508,6 +631,7 @@ class Trainer:
             "tokens_seen": self.state.tokens_seen,
             "processes": self.world,
             "global_batch": self.global_batch,
+            "setting_changes": self.setting_changes,
         }
         if acc.is_main_process:
             ckpt.save_weights(self.model, self.out / "final", self.plugins)
@@ -525,6 +649,10 @@ class Trainer:
             "batch_in_epoch": step % self.steps_per_epoch,
             "processes": self.world,
             "global_batch": self.global_batch,
+            # the run's settings, compared on resume even if config.yaml is gone
+            "config": ckpt.plain_config(self.cfg),
+            "setting_changes": self.setting_changes,
+            "log_window": self.window,  # so the first record after a resume spans log.every
         }
         return ckpt.write_checkpoint(
             self.out,
@@ -557,6 +685,36 @@ class Trainer:
                 self.global_batch,
             )
         self.state = RunState(**{k: saved[k] for k in vars(RunState()) if k in saved})
+        if self.state.stage:  # a later curriculum stage: its data, as when it began
+            self._build_data()
+        self.window = list(saved.get("log_window") or [])
+        self.setting_changes = list(saved.get("setting_changes") or [])
+
+    def _resume_from_checkpoint(self) -> None:
+        """Continue from the newest checkpoint that verifies (if any), with the same settings,
+        or with the changes a NaN stop allows (recorded in every later checkpoint)."""
+        acc = self.accelerator
+        found = ckpt.resume_point(self.out, move_aside=acc.is_main_process)
+        acc.wait_for_everyone()
+        if found is None:
+            if self.resume:
+                raise MemllmError(f"--resume: no complete checkpoint in {self.out / CHECKPOINTS}")
+            return
+        path, saved = found
+        changes = ckpt.check_same_run(self.out, self.cfg, saved)
+        self.load_checkpoint(path)
+        if not changes:
+            self._info("resuming from %s (step %d)", path, self.state.step)
+            return
+        if any(c.startswith("train.lr:") for c in changes):
+            ckpt.set_lr(self.scheduler.optimizer, self.scheduler, self.cfg.train.lr)
+        self.setting_changes.append({"step": self.state.step, "changes": changes})
+        self._info(
+            "resuming from %s (step %d) after the NaN/inf stop, with %s",
+            path,
+            self.state.step,
+            "; ".join(changes),
+        )
 
 
 # -- small helpers ---------------------------------------------------------------------------------

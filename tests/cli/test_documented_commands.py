@@ -142,6 +142,14 @@ def _score_hotpotqa(argv, work):
     return [str(gold) if a == "hotpot_dev_distractor_v1.json" else a for a in argv]
 
 
+def _export_hf(argv, work):
+    try:
+        import datasets  # noqa: F401 (the export needs memllm[hub])
+    except ImportError:
+        return "--format hf needs datasets (memllm[hub])"
+    return [a if a != "num_test=10" else "num_test=2" for a in argv]
+
+
 def _skip(reason: str) -> Callable:
     return lambda argv, work: reason
 
@@ -151,6 +159,10 @@ HOW: dict[str, Callable] = {
         "trains and evaluates on the bundled SmolLM2 for minutes (make quickstart)"
     ),
     "experiment": _skip("runs arms on the bundled SmolLM2 for minutes"),
+    "ladder": _skip(
+        "runs arms on the bundled SmolLM2 for hours (tests/evaluation/test_ladder.py runs the "
+        "ladder on a tiny model)"
+    ),
     "train": _train,  # both documented train lines; --resume is told apart below
     "config show": lambda argv, work: _paths(argv),
     "info": lambda argv, work: _tiny_model(_paths(argv)),
@@ -159,6 +171,11 @@ HOW: dict[str, Callable] = {
     "data preview babilong": _preview,
     "score babilong": _score_babilong,
     "score hotpotqa": _score_hotpotqa,
+    "eval-harness": _skip(
+        "runs lm-evaluation-harness on the bundled model (tests/evaluation/test_harness.py "
+        "runs it on a tiny one)"
+    ),
+    "data export babilong": _export_hf,
     "accelerate launch": _skip("launches several processes (tests/training/test_ddp.py runs DDP)"),
 }
 

@@ -24,6 +24,7 @@ from memllm.core.checkpoint import (
     memory_state_dict,
 )
 from memllm.core.inject import has_memory, memory_config_dict
+from memllm.core.integrity import write_manifest as resign  # edits below keep a valid manifest
 from memllm.core.lora import adapter_state_dict, has_lora, lora_parameters
 from memllm.core.segments import forward_segments
 
@@ -56,7 +57,9 @@ def test_checkpoint_holds_no_backbone_weights(trained):
     assert sum(v.numel() for v in weights.values()) == sum(
         p.numel() for p in memllm.memory_parameters(model)
     )
-    assert sorted(p.name for p in path.iterdir()) == sorted([CONFIG_FILE, WEIGHTS_FILE])
+    assert sorted(p.name for p in path.iterdir()) == sorted(
+        [CONFIG_FILE, WEIGHTS_FILE, "manifest.json"]
+    )
     meta = json.loads((path / CONFIG_FILE).read_text())
     assert meta["backbone"]["name"] == "tiny-llama"
     assert meta["memory"]["layer_ids"] == [0, 1]
@@ -82,10 +85,12 @@ def test_missing_or_reshaped_tensor_is_refused(tiny, trained):
     weights = load_file(path / WEIGHTS_FILE)
     key = sorted(weights)[0]
     save_file({k: v for k, v in weights.items() if k != key}, path / WEIGHTS_FILE)
+    resign(path)
     with pytest.raises(memllm.CheckpointError, match=f"missing {key}"):
         memllm.load_memory(tiny("llama")[0], path)
     weights[key] = torch.zeros(3, 3)
     save_file(weights, path / WEIGHTS_FILE)
+    resign(path)
     with pytest.raises(memllm.CheckpointError, match="shape"):
         memllm.load_memory(tiny("llama")[0], path)
 
@@ -123,7 +128,11 @@ def lora_only(tiny, tmp_path):
 
 def test_lora_only_round_trip(tiny, lora_only):
     model, path = lora_only
-    assert sorted(p.name for p in path.iterdir()) == [ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]
+    assert sorted(p.name for p in path.iterdir()) == [
+        ADAPTER_CONFIG_FILE,
+        ADAPTER_WEIGHTS_FILE,
+        "manifest.json",
+    ]
     assert memllm.read_checkpoint(path).kind == "lora"
     ids = random_ids(2, 16)
     fresh, _ = tiny("llama")
@@ -193,6 +202,7 @@ def test_lora_for_other_sizes_is_refused_and_rolled_back(tiny, lora_only):
     # without the recorded backbone facts the tensors' shapes still refuse it, and the adapter
     # this call attached is taken off again
     (path / ADAPTER_WEIGHTS_FILE).write_bytes(_resave_without_metadata(path / ADAPTER_WEIGHTS_FILE))
+    resign(path)
     with pytest.raises(memllm.CheckpointError, match="shape"):
         memllm.load_checkpoint(wider, path)
     assert not has_lora(wider)
@@ -211,12 +221,14 @@ def test_missing_or_extra_adapter_tensor_is_refused(tiny, lora_only):
     weights = load_file(path / ADAPTER_WEIGHTS_FILE)
     key = sorted(weights)[0]
     save_file({k: v for k, v in weights.items() if k != key}, path / ADAPTER_WEIGHTS_FILE)
+    resign(path)
     with pytest.raises(memllm.CheckpointError, match="missing"):
         memllm.load_checkpoint(tiny("llama")[0], path)
     save_file(
         {**weights, key.replace("q_proj", "k_proj"): weights[key].clone()},
         path / ADAPTER_WEIGHTS_FILE,
     )
+    resign(path)
     with pytest.raises(memllm.CheckpointError, match="unexpected"):
         memllm.load_checkpoint(tiny("llama")[0], path)
 
@@ -225,6 +237,7 @@ def test_extra_memory_tensor_is_refused_and_the_memory_rolled_back(tiny, trained
     _, path = trained
     weights = load_file(path / WEIGHTS_FILE)
     save_file({**weights, "layers.0.stray": torch.zeros(2)}, path / WEIGHTS_FILE)
+    resign(path)
     model, _ = tiny("llama")
     with pytest.raises(memllm.CheckpointError, match=r"unexpected layers\.0\.stray"):
         memllm.load_checkpoint(model, path)
@@ -255,6 +268,7 @@ def test_unsupported_peft_options_are_refused(tiny, lora_only):
     _, path = lora_only
     config = json.loads((path / ADAPTER_CONFIG_FILE).read_text())
     (path / ADAPTER_CONFIG_FILE).write_text(json.dumps({**config, "use_dora": True}))
+    resign(path)
     with pytest.raises(memllm.CheckpointError, match="use_dora=True is not supported"):
         memllm.load_checkpoint(tiny("llama")[0], path)
 

@@ -89,7 +89,7 @@ def test_save_load_round_trip_with_lora(tiny, tmp_path):
     expected = forward_segments(model, ids, segment_length=8).logits
     folder = memllm.save_memory(model, tmp_path / "ckpt")
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [CONFIG_FILE, WEIGHTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]
+        [CONFIG_FILE, WEIGHTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, "manifest.json"]
     )
     fresh, _ = tiny("llama")  # the same backbone, no memory, no adapter
     memllm.load_memory(fresh, folder)

@@ -49,7 +49,7 @@ def trained(tiny):
 def test_save_pretrained_round_trip_gives_identical_logits_and_generation(tiny, trained, tmp_path):
     folder = trained.save_pretrained(tmp_path / "ckpt")
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [CONFIG_FILE, WEIGHTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]
+        [CONFIG_FILE, WEIGHTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, "manifest.json"]
     )
     backbone, tokenizer = tiny("llama")
     reopened = memllm.MemoryModel.from_pretrained(backbone, folder, tokenizer=tokenizer)
@@ -145,5 +145,7 @@ def test_push_to_hub_uploads_the_saved_folder(trained):
     create.assert_called_once_with("me/memory", private=None, exist_ok=True)
     assert uploaded == {
         "repo": "me/memory",
-        "files": sorted([CONFIG_FILE, WEIGHTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE]),
+        "files": sorted(
+            [CONFIG_FILE, WEIGHTS_FILE, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, "manifest.json"]
+        ),
     }

@@ -18,7 +18,7 @@ BOOKS = FIXTURES / "books"
 
 
 def test_registry():
-    assert set(TASKS) == {"babilong", "hotpotqa", "zsre", "corpus", "recall"}
+    assert set(TASKS) == {"babilong", "hotpotqa", "zsre", "corpus", "recall", "qa"}
     for spec in TASKS.values():
         task = spec.task_cls(spec.options_cls())
         assert isinstance(task, Task) and task.name == spec.name

@@ -381,7 +381,7 @@ def test_feature_cache_gives_the_plain_loss(tiny, arch, layer):
     for row, n in enumerate(lengths):
         mask[row, 37 - n :] = 1
         labels[row, -4:] = ids[row, -4:]
-    names, kwargs = ["a", "b", "c"], {"segment_length": 8, "bptt_segments": 2}
+    kwargs = {"segment_length": 8, "bptt_segments": 2}
 
     def loss_and_grads(run):
         model.zero_grad()
@@ -390,15 +390,14 @@ def test_feature_cache_gives_the_plain_loss(tiny, arch, layer):
         out.loss.backward()
         return out.loss.detach(), [p.grad.clone() for p in memllm.memory_parameters(model)]
 
-    with cache.record(names, mask):
-        full, full_grads = loss_and_grads(
-            lambda s: forward_segments(model, ids, mask, labels, session=s, **kwargs)
-        )
-    order = [2, 0, 1]  # another batch order: the cache re-pads per example
+    full, full_grads = loss_and_grads(
+        lambda s: forward_segments(model, ids, mask, labels, session=s, **kwargs)
+    )
+    with memllm.memory_session(model) as session, torch.no_grad():  # records every segment
+        cache.forward(ids, mask, labels, session=session, **kwargs)
+    order = [2, 0, 1]  # another batch order: the cache re-pads per segment
     cached, cached_grads = loss_and_grads(
-        lambda s: cache.forward(
-            [names[i] for i in order], mask[order], labels[order], session=s, **kwargs
-        )
+        lambda s: cache.forward(ids[order], mask[order], labels[order], session=s, **kwargs)
     )
     torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-6)
     for a, b in zip(cached_grads, full_grads, strict=True):

@@ -4,13 +4,45 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import SMALL_LATENT, random_ids, wake_memory
 
 import memllm
+from memllm.core.config import ConfigError
 from memllm.core.inject import memory_layers
 from memllm.core.segments import forward_segments, positions_from_mask, segment_bounds
+from memllm.memory import memory_config_from_dict
+from memllm.memory.latent_write import (
+    delta_rule,
+    delta_rule_reference,
+    multihead_attention,
+    relative_positions,
+    slot_competition,
+)
+from memllm.training.feature_cache import FeatureCache, cache_mode, unsupported_reason
 
 ARCHS = ["llama", "gpt2", "qwen2", "gemma3"]
+# every write rule of LatentMemoryConfig (an ablation row each), checked against the invariants
+WRITES = {
+    "gmemllm": {},
+    "gmemllm_recency": {"write_recency": True},
+    "slot_competition": {"write": "slot_competition"},
+    "slot_competition_recency": {"write": "slot_competition", "write_recency": True},
+    "slot_competition_no_gate": {"write": "slot_competition", "update_gate": False},
+    "delta": {"write": "delta"},
+    "delta_recency": {"write": "delta", "write_recency": True},
+}
+
+
+def wake_writes(model, seed: int = 0) -> None:
+    """:func:`wake_memory`, and random recency slopes so that the recency term acts too."""
+    wake_memory(model, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for layer in memory_layers(model).values():
+            slope = layer.memory.write_recency
+            if slope is not None:
+                slope.copy_(3 * torch.randn(slope.shape, generator=gen))
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -30,6 +62,18 @@ def test_identity_at_init_logits_and_generate(tiny, arch):
     out = forward_segments(model, ids, segment_length=8)
     bare_last = model(input_ids=ids[:, -8:]).logits
     assert torch.allclose(out.logits, bare_last, atol=1e-6)
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_every_write_rule_is_the_identity_at_init(tiny, write):
+    model, _ = tiny("llama")
+    ids = random_ids(2, 24)
+    bare_logits = model(input_ids=ids).logits
+    memllm.inject_memory(model, {**SMALL_LATENT, **WRITES[write], "layer_ids": [0, -1]})
+    out = forward_segments(model, ids, segment_length=8)
+    assert torch.equal(out.logits, model(input_ids=ids[:, -8:]).logits)
+    with memllm.memory_session(model):
+        assert torch.equal(model(input_ids=ids).logits, bare_logits)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -58,11 +102,15 @@ def test_only_memory_trains(tiny, arch):
     assert all(id(p) not in memory for p in model.parameters())
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
-def test_batch_equals_examples_one_at_a_time(tiny, arch):
+@pytest.mark.parametrize(
+    ("arch", "write"),
+    [("llama", "gmemllm"), ("gpt2", "gmemllm"), ("qwen2", "gmemllm")]
+    + [("llama", write) for write in WRITES if write != "gmemllm"],
+)
+def test_batch_equals_examples_one_at_a_time(tiny, arch, write):
     model, _tokenizer = tiny(arch)
-    memllm.inject_memory(model, SMALL_LATENT)
-    wake_memory(model)
+    memllm.inject_memory(model, {**SMALL_LATENT, **WRITES[write]})
+    wake_writes(model)
     long, short = random_ids(1, 37, seed=1), random_ids(1, 19, seed=2)
     batch = torch.zeros(2, 37, dtype=torch.long)
     mask = torch.zeros(2, 37, dtype=torch.long)
@@ -108,11 +156,15 @@ def test_persistent_memory_is_opt_in(tiny):
     assert torch.allclose(continued, joint.logits, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_causality(tiny, arch):
+@pytest.mark.parametrize(
+    ("arch", "write"),
+    [("llama", "gmemllm"), ("gpt2", "gmemllm")]
+    + [("llama", write) for write in WRITES if write != "gmemllm"],
+)
+def test_causality(tiny, arch, write):
     model, _ = tiny(arch)
-    memllm.inject_memory(model, SMALL_LATENT)
-    wake_memory(model)
+    memllm.inject_memory(model, {**SMALL_LATENT, **WRITES[write]})
+    wake_writes(model)
     ids = random_ids(1, 32, seed=7)
     changed = ids.clone()
     t = 20
@@ -175,9 +227,10 @@ def test_loss_only_logits_give_the_same_loss(tiny):
     assert full.num_tokens == lean.num_tokens == 8
 
 
-def test_segment_one_reaches_segment_three(tiny):
+@pytest.mark.parametrize("write", ["gmemllm", "slot_competition", "delta"])
+def test_segment_one_reaches_segment_three(tiny, write):
     model, _ = tiny("llama")
-    memllm.inject_memory(model, SMALL_LATENT)
+    memllm.inject_memory(model, {**SMALL_LATENT, **WRITES[write]})
     wake_memory(model)
     ids = random_ids(1, 24, seed=11)
     other = ids.clone()
@@ -198,10 +251,11 @@ def test_update_gate_ablation_changes_the_write(tiny):
     assert torch.isfinite(out.loss)
 
 
-def test_all_padding_segment_leaves_memory_unchanged(tiny):
+@pytest.mark.parametrize("write", list(WRITES))
+def test_all_padding_segment_leaves_memory_unchanged(tiny, write):
     model, _ = tiny("llama")
-    memllm.inject_memory(model, SMALL_LATENT)
-    wake_memory(model)
+    memllm.inject_memory(model, {**SMALL_LATENT, **WRITES[write]})
+    wake_writes(model)
     ids = random_ids(1, 8)
     with memllm.memory_session(model) as session:
         model(input_ids=ids, attention_mask=torch.zeros_like(ids))
@@ -226,6 +280,89 @@ def test_regularisers_are_loss_terms(tiny):
         assert aux["loss"].requires_grad
         diag = session.diagnostics()
     assert {"layer1/sparsity", "layer1/entropy", "layer1/gate_abs_mean"} <= set(diag)
+
+
+# -- the write rules on their own --------------------------------------------------------------
+
+
+def test_delta_rule_solved_at_once_equals_the_token_loop():
+    gen = torch.Generator().manual_seed(0)
+    batch, tokens, heads, slots, width = 2, 9, 2, 5, 3
+    memory = torch.randn(batch, slots, heads, width, generator=gen)
+    keys = F.normalize(torch.randn(batch, tokens, heads, slots, generator=gen), dim=-1)
+    values = torch.randn(batch, tokens, heads, width, generator=gen)
+    beta = torch.rand(batch, tokens, heads, generator=gen)
+    beta[1, :3] = 0  # padding: no write
+    fast = delta_rule(memory, keys, values, beta)
+    assert torch.allclose(fast, delta_rule_reference(memory, keys, values, beta), atol=1e-5)
+
+
+def test_delta_rule_overwrites_a_key_written_again():
+    """β = 1, orthonormal keys: M k returns the latest value written under k (no blending)."""
+    keys = torch.eye(4)[None, [0, 1, 0], None, :]  # key 0, key 1, key 0 again: (1, 3, 1, 4)
+    values = torch.tensor([[1.0, 0.0], [0.0, 1.0], [5.0, 5.0]])[None, :, None, :]
+    new = delta_rule(torch.zeros(1, 4, 1, 2), keys, values, torch.ones(1, 3, 1))
+    assert torch.allclose(new[0, 0, 0], torch.tensor([5.0, 5.0]))
+    assert torch.allclose(new[0, 1, 0], torch.tensor([0.0, 1.0]))
+
+
+def test_slot_competition_gives_different_tokens_to_different_slots():
+    """Two tokens, each matching one slot: each slot's candidate is its own token, not a
+    blend; a slot that matches nothing wins (almost) nothing."""
+    slots = torch.tensor([[[30.0, 0.0], [0.0, 30.0], [-30.0, -30.0]]])
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    values = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    candidate, won = slot_competition(slots, keys, values, 1, mask)
+    assert torch.allclose(candidate[0, :2], values[0], atol=1e-3)
+    assert won[0, 0, 2] < 1e-3 < won[0, 0, 0]
+
+
+def test_recency_lets_the_latest_token_win():
+    """With a large recency slope the write is the segment's last real token: the attention
+    write and a slot's candidate return its value, and the delta rule stores it exactly."""
+    gen = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(1, 6, 4, generator=gen), torch.randn(1, 6, 4, generator=gen)
+    mask = torch.tensor([[False, True, True, True, True, False]])  # last real token: 4
+    late = 60.0 * relative_positions(mask)[:, None, :]  # (B, heads=1, T)
+    slots = torch.randn(1, 3, 4, generator=gen)
+    attended, _ = multihead_attention(slots, keys, values, 1, key_mask=mask, key_bias=late)
+    assert torch.allclose(attended[0], values[0, 4].expand(3, -1), atol=1e-4)
+    candidate, won = slot_competition(slots, keys, values, 1, mask, late)
+    assert torch.allclose(candidate[0][won[0, 0] > 1e-3], values[0, 4], atol=1e-4)
+    # delta: β = σ(logit + slope · position) → 1 on the last real token
+    delta_keys = F.normalize(keys, dim=-1)[:, :, None, :]
+    beta = torch.sigmoid(late.transpose(1, 2)) * mask[..., None]
+    new = delta_rule(torch.randn(1, 4, 1, 4, generator=gen), delta_keys, values[:, :, None], beta)
+    recalled = torch.einsum("bs,bsd->bd", delta_keys[:, 4, 0], new[:, :, 0])
+    assert torch.allclose(recalled, values[:, 4], atol=1e-4)
+    expected = torch.tensor([[0.0, 0.0, 1 / 3, 2 / 3, 1.0, 0.0]])
+    assert torch.allclose(relative_positions(mask), expected)
+
+
+@pytest.mark.parametrize("write", list(WRITES))
+def test_the_feature_cache_applies_to_every_write_rule(tiny, write):
+    """Every write rule works on the layer's output only: the cache records that output, and
+    a replayed batch gives the loss of the full forward."""
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, {**SMALL_LATENT, **WRITES[write]})
+    wake_writes(model)
+    assert unsupported_reason(model) is None and cache_mode(model)[0] == "output"
+    ids = random_ids(2, 24, seed=5)
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    full = forward_segments(model, ids, mask, labels, segment_length=8)
+    cache = FeatureCache(model)
+    for _ in range(2):  # records, then replays
+        with memllm.memory_session(model) as session:
+            cached = cache.forward(ids, mask, labels, segment_length=8, session=session)
+    assert cache.hits == full.num_segments
+    torch.testing.assert_close(cached.loss, full.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_unknown_write_rule_is_a_config_error():
+    with pytest.raises(ConfigError, match="write"):
+        memory_config_from_dict({**SMALL_LATENT, "write": "nope"})
 
 
 def test_memory_learns_to_carry_a_key_across_segments(tiny, one_thread):

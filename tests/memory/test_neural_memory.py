@@ -15,7 +15,13 @@ from memllm.core.inject import memory_layers
 from memllm.core.lora import LoraSettings
 from memllm.core.segments import forward_segments, positions_from_mask, segment_bounds
 from memllm.memory import memory_config_from_dict
-from memllm.memory.neural import NeuralMemory, NeuralMemoryConfig, neural_diagnostics
+from memllm.memory.diagnostics import retention_curve
+from memllm.memory.neural import (
+    PREVIOUS_DEFAULTS,
+    NeuralMemory,
+    NeuralMemoryConfig,
+    neural_diagnostics,
+)
 from memllm.memory.neural_update import (
     chunked_update,
     gradient_factors,
@@ -277,7 +283,8 @@ def test_recall_of_written_pairs():
     config = NeuralMemoryConfig(
         memory_dim=32,
         chunk_size=4,
-        max_adaptive_lr=1.0,  # stable thanks to the default max_grad_norm (without it: NaN)
+        max_adaptive_lr=1.0,  # stable thanks to the bound on each step (without it: NaN)
+        max_grad_norm=1.0,
         lr_bias=9.0,  # θ ≈ max
         forget_bias=-9.0,  # no forgetting
         momentum_bias=-9.0,  # no momentum
@@ -307,19 +314,33 @@ def test_recall_of_written_pairs():
 
 
 def test_forgetting_toward_the_initial_weights_keeps_the_memory_alive():
-    """With default gates and nothing consistent to learn, decaying toward zero drives the
-    bias-free MLP to its dead point (all gradients vanish there); decaying toward the learned
-    initial weights does not."""
+    """With the earlier default gates (α ≈ 0.02) and nothing consistent to learn, decaying
+    toward zero drives the bias-free MLP to its dead point (all gradients vanish there);
+    decaying toward the learned initial weights does not."""
     torch.manual_seed(0)
     norms = {}
     for toward in ("zero", "init"):
-        memory = NeuralMemory(NeuralMemoryConfig(memory_dim=16, forget_toward=toward), 32)
+        config = NeuralMemoryConfig(memory_dim=16, forget_toward=toward, **PREVIOUS_DEFAULTS)
+        memory = NeuralMemory(config, 32)
         state = memory.init_state(1, torch.device("cpu"), torch.float32)
         x = memory.norm(torch.randn(1, 1024, 32))
         with torch.no_grad():
             _, state, _ = memory.memorise(x, state, torch.ones(1, 1024, dtype=torch.bool))
         norms[toward] = state["weight0"].norm() / memory.initial_weights[0].norm()
     assert norms["zero"] < 1e-3 and norms["init"] > 0.5
+
+
+def test_a_written_key_survives_distractors_at_the_new_defaults_only():
+    """Retention (docs/neural_memory.md): one key→value write, then 64 distractor tokens, in a
+    memory of a tiny model's width (32). At the defaults the key's trace is still a tenth of
+    the value and points at it; at the earlier defaults it never exceeds 1% of the value."""
+    distances = [0, 8, 64]
+    new = retention_curve(NeuralMemoryConfig(), distances, width=32)
+    old = retention_curve(NeuralMemoryConfig(**PREVIOUS_DEFAULTS), distances, width=32)
+    assert all(point.recoverable for point in new)
+    assert new[-1].imprint > 0.2 and new[-1].alignment > 0.8
+    assert not any(point.recoverable for point in old)
+    assert max(point.imprint for point in old) < 0.01
 
 
 # -- on tiny models ---------------------------------------------------------------------------

@@ -74,7 +74,7 @@ BASE = "model: {name: tiny-llama}\ndata: {task: babilong}\n"
         (BASE + "memory: null\n", (), "memory: nothing to train"),
         ("model: {name: tiny-llama}\ndata: {}\n", (), "data.task"),
         (
-            BASE + "memory: {layer_ids: [1]}\nlora: {rank: 2}\ntrain: {feature_cache: true}\n",
+            BASE + "memory: null\nlora: {rank: 2}\ntrain: {feature_cache: true}\n",
             (),
             "train.feature_cache",
         ),

@@ -83,19 +83,19 @@ def test_feature_cache_equals_the_reference_loop(tiny, arch):
     memllm.inject_memory(model, {**SMALL_LATENT, "layer_ids": [0]})  # a layer runs above it
     wake_memory(model)
     ids, mask, labels = _batch(len(tok))
-    names = ["a", "b", "c"]
     cache = FeatureCache(model)
     with torch.no_grad():
         with memllm.memory_session(model) as session:
             loss, tokens, aux, segments, logits = _reference(
                 model, ids, mask, labels, SEGMENT, session
             )
-        with cache.record(names, mask):
-            forward_segments(model, ids, mask, segment_length=SEGMENT, keep_logits=False)
-        with memllm.memory_session(model) as session:
+        with memllm.memory_session(model) as session:  # records every segment
+            cache.forward(ids, mask, None, segment_length=SEGMENT, session=session)
+        with memllm.memory_session(model) as session:  # replays every segment
             out = cache.forward(
-                names, mask, labels, segment_length=SEGMENT, session=session, keep_logits=True
+                ids, mask, labels, segment_length=SEGMENT, session=session, keep_logits=True
             )
+    assert cache.hits == segments
     assert (out.num_tokens, out.num_segments) == (tokens, segments)
     torch.testing.assert_close(out.loss, loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out.aux_loss, aux, rtol=1e-5, atol=1e-7)

@@ -163,6 +163,7 @@ def test_outputs_logs_and_checkpoints(baseline):
             "trainer.pt",
             "rng",
             "state.json",
+            "manifest.json",
         }
     train_log = records(out)
     assert [r["step"] for r in train_log] == [1, 2, 3, 4, 5, 6]
@@ -245,7 +246,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
 
     monkeypatch.setattr(loop, "forward_segments", poisoned)
     cfg = toy_config(tmp_path, train={"max_steps": 6, "save_every": 3}, eval={"every": 0})
-    with pytest.raises(TrainingDiverged, match=r"the loss is nan .* at step 4; stopped") as info:
+    with pytest.raises(TrainingDiverged, match=r"step 4: the task loss is nan; stopped") as info:
         train(cfg, task=ToyTask())
     assert "step-00000003" in str(info.value) and "\n" not in str(info.value)
     assert [s for s, _ in complete_checkpoints(cfg.output_dir)] == [3]

@@ -1,0 +1,307 @@
+"""The recall ladder: one experiment per rung, then one table of arms × rungs.
+
+A ladder config is an experiment config (:mod:`memllm.evaluation.experiment_config`) with a
+``rungs`` mapping: rung name → the settings that differ on that rung (usually ``data``, merged
+over the shared ``data``; any other key, e.g. ``model`` or ``segment_length``, merged the same
+way). Each rung runs as an ordinary :class:`~memllm.evaluation.experiment.Experiment` into
+``output_dir/<rung>/`` (its own ``results.json`` and ``results.md``, "Does the memory carry?"
+first), and :func:`run_ladder` collects them into::
+
+    output_dir/ladder.json   every (arm, rung) cell: subset accuracy [95 % CI], n, chance,
+                             the arm's control and the paired test against it
+    output_dir/ladder.md     rows = arms, columns = rungs, cells = accuracy on ``subset`` with
+                             its 95 % interval, ✔ where the arm beats its no-carry control with
+                             p < 0.01 (:data:`memllm.evaluation.carry.CARRY_ALPHA`)
+    output_dir/ladder.png    the same table as a heat-map
+
+``subset`` (default ``facts earlier``) is the task breakdown's subset the cells show: the
+questions only a memory can answer; ``all`` shows every question (the backbone's ceiling, where
+the facts are inside ``base``'s window). ``memllm ladder --config ... [--rungs a,b] [--arms x,y]
+[KEY=VALUE ...]``: overrides apply to the whole file before the rungs are split (so
+``eval.max_examples=10`` sets every rung, ``rungs.k1.data.num_test=20`` one rung; a rung's own
+setting wins over a shared one it overrides), and ``--arms``
+keeps the other arms' results already in each rung's folder, as ``memllm experiment`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from memllm.core.config import apply_overrides, from_dict, load_yaml
+from memllm.errors import ConfigError
+from memllm.evaluation.carry import CARRY_ALPHA
+from memllm.evaluation.experiment_config import ExperimentConfig
+from memllm.evaluation.results import is_missing, load_results, to_jsonable
+from memllm.training.run_config import with_file
+
+log = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "closed_set_accuracy")
+SUBSETS = ("facts earlier", "all")
+
+
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` merged into ``base``, mappings key by key (a rung's ``data`` adds to the
+    shared ``data``), anything else replaced."""
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_ladder(
+    path: str | Path, overrides: Sequence[str] = ()
+) -> tuple[dict[str, Any], dict[str, ExperimentConfig]]:
+    """``(settings, rung name → experiment config)`` of a ladder file; every rung is checked
+    as an experiment config now, so a bad setting in the last rung fails before the first runs.
+
+    ``settings``: ``name``, ``output_dir``, ``subset`` and ``rungs`` (the rung names in order).
+    """
+    data = apply_overrides(load_yaml(path), list(overrides))
+    rungs = data.pop("rungs", None)
+    if not isinstance(rungs, Mapping) or not rungs:
+        raise with_file(ConfigError("rungs: give at least one rung (name → settings)"), path)
+    subset = data.pop("subset", SUBSETS[0])
+    if subset not in SUBSETS:
+        raise with_file(ConfigError(f"subset: expected one of {', '.join(SUBSETS)}"), path)
+    name = str(data.get("name", "ladder"))
+    output_dir = str(data.get("output_dir", "runs/ladder"))
+    configs = {}
+    for rung, settings in rungs.items():
+        if not isinstance(settings, Mapping):
+            raise with_file(ConfigError(f"rungs.{rung}: expected a mapping of settings"), path)
+        merged = _merge(data, settings)
+        merged["name"] = f"{name}: {rung}"
+        merged["output_dir"] = str(Path(output_dir) / str(rung))
+        try:
+            configs[str(rung)] = from_dict(ExperimentConfig, merged)
+        except ConfigError as err:
+            raise with_file(ConfigError(f"rungs.{rung}: {err}"), path) from None
+    settings = {"name": name, "output_dir": output_dir, "subset": subset, "rungs": list(configs)}
+    return settings, configs
+
+
+def run_ladder(
+    path: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    rungs: Sequence[str] | None = None,
+    arms: Sequence[str] | None = None,
+) -> tuple[dict[str, Any], dict[str, Path]]:
+    """Run the ladder's rungs (all, or ``rungs``), each arm (all, or ``arms``), then write
+    ``ladder.json``, ``ladder.md`` and ``ladder.png`` from every rung's results found in the
+    output folder. Returns ``(ladder, paths)``."""
+    from memllm.evaluation.experiment import Experiment
+
+    settings, configs = load_ladder(path, overrides)
+    unknown = [r for r in rungs or [] if r not in configs]
+    if unknown:
+        raise ConfigError(f"--rungs: no rung named {unknown[0]!r} (have {', '.join(configs)})")
+    for rung in rungs or list(configs):
+        cfg = configs[rung]
+        chosen = [a for a in arms if a in cfg.arms] if arms else None
+        if arms and not chosen:
+            continue
+        log.info("rung %s", rung)
+        Experiment(cfg, source=path, arms=chosen).run()
+    found = {}
+    for rung, cfg in configs.items():
+        file = Path(cfg.output_dir) / "results.json"
+        if file.is_file():
+            found[rung] = load_results(file)
+    ladder = summarize(found, settings)
+    return ladder, write_ladder(settings["output_dir"], ladder)
+
+
+# --------------------------------------------------------------------------------------------
+# The table
+# --------------------------------------------------------------------------------------------
+
+
+def _subset_summary(arm: Mapping[str, Any], metric: str, subset: str):
+    """``(summary, subset used)`` of ``metric`` on ``subset`` of the arm's examples."""
+    if subset != "all":
+        for per in (arm.get("breakdowns") or {}).values():
+            if subset in per:
+                return per[subset].get(metric), subset
+            if per:  # the task splits its questions, and none is in this subset
+                return None, subset
+    return arm["metrics"].get(metric), "all"
+
+
+def summarize(rung_results: Mapping[str, Mapping[str, Any]], settings: Mapping[str, Any]):
+    """The ladder (the schema of ``ladder.json``) from each rung's results."""
+    subset = settings.get("subset", SUBSETS[0])
+    rungs = [r for r in settings.get("rungs", rung_results) if r in rung_results]
+    arms: list[str] = []
+    for r in rungs:
+        arms += [a for a in rung_results[r]["arms"] if a not in arms]
+    cells: dict[str, dict[str, Any]] = {}
+    info: dict[str, Any] = {}
+    for r in rungs:
+        res = rung_results[r]
+        carry = {
+            (row["arm"], row["metric"]): row for row in (res.get("carry") or {}).get("rows", [])
+        }
+        info[r] = {
+            "chance": res["experiment"].get("chance"),
+            "data": res["experiment"].get("config", {}).get("data", {}),
+        }
+        for a, arm in res["arms"].items():
+            cell = {}
+            for metric in METRICS:
+                summary, used = _subset_summary(arm, metric, subset)
+                if summary is None:
+                    continue
+                row = carry.get((a, metric))
+                cell[metric] = {
+                    **{k: summary[k] for k in ("value", "ci95", "n")},
+                    "subset": used,
+                    "control": row["control"] if row else None,
+                    "vs_control": row["test"] if row else None,
+                    "carries": bool(row and row["carries"]),
+                }
+            cells.setdefault(a, {})[r] = cell
+    return to_jsonable(
+        {
+            "name": settings.get("name", "ladder"),
+            "subset": subset,
+            "alpha": CARRY_ALPHA,
+            "rungs": rungs,
+            "arms": arms,
+            "rung_info": info,
+            "cells": cells,
+        }
+    )
+
+
+def _pct(x) -> str:
+    return "–" if is_missing(x) else f"{100 * x:.1f}"
+
+
+def _cell_text(cell: Mapping[str, Any] | None) -> str:
+    if not cell or is_missing(cell.get("value")):
+        return "–"
+    low, high = cell["ci95"]
+    mark = " ✔" if cell.get("carries") else ""
+    return f"{_pct(cell['value'])} [{_pct(low)}, {_pct(high)}]{mark}"
+
+
+def render_ladder(ladder: Mapping[str, Any]) -> str:
+    """``ladder.md``: one table per metric (rows = arms, columns = rungs), then every cell
+    in long form with its control and paired test."""
+    from memllm.evaluation.markdown import _md_table
+
+    rungs, arms, subset = ladder["rungs"], ladder["arms"], ladder["subset"]
+    where = (
+        "the questions whose facts lie before the last segment (`facts earlier`)"
+        if subset != "all"
+        else "all questions"
+    )
+    out = [
+        f"# Ladder: {ladder.get('name', 'ladder')}",
+        "",
+        f"Each cell: accuracy (%) on {where}, with its 95 % Wilson interval; ✔ where the arm "
+        f"beats its own no-carry control on the same questions with an exact McNemar p < "
+        f"{ladder['alpha']} (the control of arm `X` is `X_no_carry`; `window` for a memory "
+        f"that trains nothing). Rows are arms, columns are rungs (one experiment each, its "
+        f"report in `<rung>/results.md`).",
+        "",
+    ]
+    for metric in METRICS:
+        if not any(metric in ladder["cells"].get(a, {}).get(r, {}) for a in arms for r in rungs):
+            continue
+        out += [f"## {metric}", ""]
+        rows = [
+            [a, *(_cell_text(ladder["cells"].get(a, {}).get(r, {}).get(metric)) for r in rungs)]
+            for a in arms
+        ]
+        rows.append(["*chance*", *(_pct(ladder["rung_info"][r].get("chance")) for r in rungs)])
+        out += [_md_table(["arm", *rungs], rows), ""]
+    out += ["## Every cell", ""]
+    rows = []
+    for r in rungs:
+        for a in arms:
+            for metric, cell in ladder["cells"].get(a, {}).get(r, {}).items():
+                t = cell.get("vs_control")
+                diff = "–"
+                if t:
+                    low, high = t["ci95"]
+                    diff = f"{100 * t['diff']:+.1f} [{_pct(low)}, {_pct(high)}]"
+                p = "–" if not t else ("<0.001" if t["p_value"] < 0.001 else f"{t['p_value']:.3f}")
+                rows.append(
+                    [
+                        r,
+                        a,
+                        metric,
+                        cell.get("subset", "–"),
+                        str(cell.get("n", "–")),
+                        _cell_text(cell),
+                        cell.get("control") or "–",
+                        diff,
+                        p,
+                    ]
+                )
+    headers = ["rung", "arm", "metric", "subset", "n", "value (%)", "control", "Δ vs control", "p"]
+    out += [_md_table(headers, rows, align="llllrrlrr"), ""]
+    return "\n".join(out)
+
+
+def plot_ladder(ladder: Mapping[str, Any], path: Path, metric: str = "accuracy") -> Path | None:
+    """The ladder's ``metric`` table as a heat-map (0–100 %, ✔ marked); None without data."""
+    from matplotlib import colormaps
+    from matplotlib.colors import Normalize
+
+    from memllm.evaluation.plots import _figure, _save
+
+    rungs, arms = ladder["rungs"], ladder["arms"]
+    grid = np.full((len(arms), len(rungs)), np.nan)
+    marks = np.zeros_like(grid, dtype=bool)
+    for i, a in enumerate(arms):
+        for j, r in enumerate(rungs):
+            cell = ladder["cells"].get(a, {}).get(r, {}).get(metric)
+            if cell and not is_missing(cell.get("value")):
+                grid[i, j] = 100 * cell["value"]
+                marks[i, j] = bool(cell.get("carries"))
+    if not np.isfinite(grid).any():
+        return None
+    cmap = colormaps["RdYlGn"].with_extremes(bad="#dddddd")
+    norm = Normalize(0.0, 100.0)
+    fig = _figure(1.0 * len(rungs) + 2.4, 0.42 * len(arms) + 1.4)
+    ax = fig.subplots()
+    image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        text = "–" if not math.isfinite(v) else f"{v:.0f}" + (" ✔" if marks[i, j] else "")
+        ax.text(j, i, text, ha="center", va="center", fontsize=8)
+    ax.set_xticks(range(len(rungs)), rungs, rotation=30, ha="right")
+    ax.set_yticks(range(len(arms)), arms)
+    ax.tick_params(length=0)
+    fig.colorbar(image, ax=ax, shrink=0.85, label=f"{metric} (%)")
+    fig.suptitle(f"{metric}, {ladder['subset']} (✔ beats its no-carry control, p < 0.01)")
+    _save(fig, path)
+    return path
+
+
+def write_ladder(output_dir: str | Path, ladder: Mapping[str, Any]) -> dict[str, Path]:
+    """``ladder.json``, ``ladder.md`` and (with data) ``ladder.png`` in ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "ladder.json", "markdown": out / "ladder.md"}
+    paths["json"].write_text(json.dumps(ladder, indent=1, allow_nan=False) + "\n")
+    text = render_ladder(ladder)
+    png = plot_ladder(ladder, out / "ladder.png")
+    if png is not None:
+        paths["plot"] = png
+        text += "\n![ladder heat-map](ladder.png)\n"
+    paths["markdown"].write_text(text)
+    return paths

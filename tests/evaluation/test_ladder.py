@@ -1,0 +1,133 @@
+"""The recall ladder and the "does the memory carry?" table, end to end on a tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from memllm.cli import main
+from memllm.evaluation.carry import control_pairs
+from memllm.evaluation.experiment_config import ArmSettings
+from memllm.evaluation.ladder import load_ladder
+
+LADDER = Path(__file__).parents[2] / "configs" / "experiments" / "ladder.yaml"
+TINY = [
+    "model.name=tiny-llama",
+    "data.tokenizer=tiny-llama",
+    "segment_length=96",
+    "rungs.recall_k2.data.num_values=10",
+    "rungs.recall_k2.data.num_train=8",
+    "rungs.recall_k2.data.num_test=30",
+    "data.num_validation=4",
+    "train.epochs=1",
+    "train.max_steps=2",
+    "train.batch_size=4",
+    "train.mixed_precision='no'",
+    "validation.max_examples=4",
+    "log.progress_bar=false",
+    "eval.max_new_tokens=3",
+    "arms.latent.memory.memory_dim=16",
+    "arms.latent.memory.num_heads=2",
+    "arms.latent_no_carry.memory.memory_dim=16",
+    "arms.latent_no_carry.memory.num_heads=2",
+]
+
+
+def test_controls_pair_by_name():
+    arms = {
+        "window": ArmSettings(kind="window"),
+        "latent": ArmSettings(kind="memory", memory={"type": "latent"}),
+        "latent_no_carry": ArmSettings(kind="memory", memory={"type": "latent"}, carry=False),
+        "neural": ArmSettings(kind="memory", memory={"type": "neural"}),
+        "kv": ArmSettings(kind="memory", memory={"type": "kv_retrieval"}, untrained=True),
+    }
+    assert control_pairs(arms) == {"latent": "latent_no_carry", "kv": "window"}
+
+
+def test_the_shipped_ladder_has_the_promised_rungs_and_arms():
+    settings, rungs = load_ladder(LADDER)
+    assert settings["subset"] == "facts earlier"
+    for name, cfg in rungs.items():
+        assert cfg.data["question_segment"] == "own" and cfg.eval.closed_set, name
+        per_task = cfg.data["num_test"] * len(cfg.data.get("tasks", [None]))
+        assert per_task >= 300, name
+    assert {"recall_k1", "recall_k8", "recall_k4_overwrite", "babilong_4k"} <= set(rungs)
+    arms = rungs["recall_k1"].arms
+    assert {"window", "finetuned", "episodic", "kv_retrieval", "neural_layer"} <= set(arms)
+    assert set(control_pairs(arms)) == {
+        "latent",
+        "neural_context",
+        "neural_layer",
+        "episodic",
+        "kv_retrieval",
+    }
+
+
+def test_ladder_runs_end_to_end_and_window_is_at_chance(tmp_path, capsys):
+    out = tmp_path / "ladder"
+    args = ["ladder", "--config", str(LADDER), "--rungs", "recall_k2"]
+    args += ["--arms", "window,latent,latent_no_carry", *TINY, f"output_dir={out}"]
+    assert main(args) == 0
+    ladder = json.loads((out / "ladder.json").read_text())
+    assert ladder["rungs"] == ["recall_k2"] and ladder["subset"] == "facts earlier"
+    assert ladder["arms"] == ["window", "latent", "latent_no_carry"]
+    chance = ladder["rung_info"]["recall_k2"]["chance"]
+    assert chance == pytest.approx(0.1)
+    window = ladder["cells"]["window"]["recall_k2"]
+    # the question is alone in its segment: window cannot see a fact, it is at chance
+    low, high = window["closed_set_accuracy"]["ci95"]
+    assert window["closed_set_accuracy"]["n"] == 30 and low <= chance <= high
+    latent = ladder["cells"]["latent"]["recall_k2"]["accuracy"]
+    assert (
+        latent["control"] == "latent_no_carry" and latent["vs_control"]["test"] == "mcnemar_exact"
+    )
+    assert (out / "ladder.png").is_file()
+    text = (out / "ladder.md").read_text()
+    assert "| arm | recall_k2 |" in text and "*chance*" in text
+
+    # the rung's own report: "Does the memory carry?" first, recall's metric text, chance
+    report = (out / "recall_k2" / "results.md").read_text()
+    assert report.index("## Does the memory carry?") < report.index("## How to read")
+    assert "closed-set match: the first line" in report and "BabiLong's official" not in report
+    assert "chance 10.0 %" in report
+    results = json.loads((out / "recall_k2" / "results.json").read_text())
+    rows = results["carry"]["rows"]
+    assert results["carry"]["subset"] == "facts earlier"
+    assert {(r["arm"], r["control"], r["metric"]) for r in rows} == {
+        ("latent", "latent_no_carry", "accuracy"),
+        ("latent", "latent_no_carry", "closed_set_accuracy"),
+    }
+    assert "report:" in capsys.readouterr().out
+
+
+def test_closed_set_needs_a_closed_answer_set(tmp_path, capsys):
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "model": {"name": "tiny-llama"},
+                "data": {
+                    "task": "babilong",
+                    "tasks": ["qa6"],
+                    "lengths": ["0k"],
+                    "num_train": 0,
+                    "num_validation": 0,
+                    "num_test": 2,
+                    "tokenizer": "tiny-llama",
+                },
+                "eval": {"closed_set": True},
+                "arms": {"window": {"kind": "window"}},
+                "output_dir": str(tmp_path / "out"),
+            }
+        )
+    )
+    assert main(["experiment", "--config", str(path)]) == 2
+    assert "eval.closed_set" in capsys.readouterr().err
+
+
+def test_a_bad_rung_names_itself(tmp_path, capsys):
+    args = ["ladder", "--config", str(LADDER), "rungs.babi_0k.segment_length=0"]
+    assert main(args) == 2
+    assert "rungs.babi_0k" in capsys.readouterr().err
