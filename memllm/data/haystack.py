@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
-from memllm.data.distractors import Document, split_sentences
+from memllm.data.distractors import Document, load_documents, split_sentences
 from memllm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,26 @@ class SentencePool:
                     log.warning("the distractor text is shorter than one context: it repeats")
                     self._warned = True
         return out, total
+
+
+def distractor_pool(
+    distractor: str, counter: TokenCounter, kind: str, *, test_fraction: float, min_tokens: int
+) -> SentencePool:
+    """The sentences a ``kind`` ("train" or "test") context draws its distractor text from.
+
+    Offline books are cut so test contexts read only the last ``test_fraction`` of each book and
+    train/validation contexts the rest (0 shares the whole book); a hub corpus (``hf:...``) has
+    its own splits.
+    """
+    if distractor.startswith("hf:"):
+        docs, part = load_documents(distractor, split=kind), (0.0, 1.0)
+    else:
+        docs = load_documents(distractor)
+        cut = 1.0 - test_fraction
+        part = (cut, 1.0) if kind == "test" else (0.0, cut)
+        if test_fraction == 0:
+            part = (0.0, 1.0)
+    return SentencePool(docs, counter, min_tokens=min_tokens, part=part)
 
 
 @dataclass

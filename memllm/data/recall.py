@@ -63,8 +63,7 @@ from memllm.data.base import (
     rng_for,
     tokenizer_for,
 )
-from memllm.data.distractors import load_documents
-from memllm.data.haystack import SentencePool, TokenCounter, build_context
+from memllm.data.haystack import SentencePool, TokenCounter, build_context, distractor_pool
 from memllm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -321,16 +320,12 @@ class RecallTask(Task):
         kind = "test" if split == "test" else "train"
         if kind not in self._pools:
             o = self.options
-            if o.distractor.startswith("hf:"):
-                docs, part = load_documents(o.distractor, split=kind), (0.0, 1.0)
-            else:
-                docs = load_documents(o.distractor)
-                cut = 1.0 - o.distractor_test_fraction
-                part = (cut, 1.0) if kind == "test" else (0.0, cut)
-                if o.distractor_test_fraction == 0:
-                    part = (0.0, 1.0)
-            self._pools[kind] = SentencePool(
-                docs, self.counter, min_tokens=o.min_sentence_tokens, part=part
+            self._pools[kind] = distractor_pool(
+                o.distractor,
+                self.counter,
+                kind,
+                test_fraction=o.distractor_test_fraction,
+                min_tokens=o.min_sentence_tokens,
             )
         return self._pools[kind]
 

@@ -23,6 +23,13 @@ in a module of its own:
 
 Outputs: ``output_dir/{config.yaml, log.jsonl, tensorboard/, checkpoints/step-N/, final/,
 summary.json}``.
+
+Why this module is ~700 lines: :class:`Trainer` is the one place where the loop's stateful parts
+meet (curriculum stages that rebuild the data, the NaN stop, resume with fallback and the
+output-folder lock); the stateless parts already live in the modules above and in
+:mod:`~memllm.training.divergence`, :mod:`~memllm.training.curriculum`,
+:mod:`~memllm.training.lock`. Splitting the class further would spread one step's logic over
+several files.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ from memllm.core.inject import has_memory
 from memllm.core.segments import SegmentOutput
 from memllm.errors import ConfigError, MemllmError
 from memllm.training import checkpointing as ckpt
-from memllm.training.checkpointing import CHECKPOINTS, latest_checkpoint, latest_step, step_dir
+from memllm.training.checkpointing import CHECKPOINTS, latest_step, step_dir
 from memllm.training.curriculum import stage_config, stage_steps_done, stage_threshold_met
 from memllm.training.data import (
     Batch,
@@ -54,6 +61,12 @@ from memllm.training.data import (
     encode_run,
     epoch_order,
     micro_batches,
+)
+from memllm.training.divergence import (
+    TrainingDiverged,
+    diverged_error,
+    first_nonfinite,
+    first_nonfinite_param,
 )
 from memllm.training.forward import (
     build_model,
@@ -71,10 +84,6 @@ from memllm.training.run_config import RunConfig, with_file
 from memllm.training.schedule import lr_factor
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(MemllmError):
-    """The loss or the gradient became NaN/inf; the run stopped before taking that step."""
 
 
 @dataclass
@@ -335,17 +344,18 @@ class Trainer:
         for plugin in self.plugins:
             total = total + plugin.weight * extra_terms[f"{plugin.name}_loss"]
         if not math.isfinite(total):
-            self._diverged(self._first_nonfinite(diagnostics, task_loss, aux_loss, extra_terms))
+            what = first_nonfinite(self.memory_state, diagnostics, task_loss, aux_loss, extra_terms)
+            self._diverged(what)
         self._all_reduce_gradients()
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
         if acc.scaler is None and not math.isfinite(grad_norm):
-            name = self._first_nonfinite_param(grad=True)
+            name = first_nonfinite_param(self.model, self.params, grad=True)
             self._diverged(f"the gradient of {name} is non-finite")
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         if not all(bool(p.isfinite().all()) for p in self.params):  # never checkpoint NaN weights
-            name = self._first_nonfinite_param(grad=False)
+            name = first_nonfinite_param(self.model, self.params, grad=False)
             self._diverged(f"the update made {name} non-finite", updated=True)
         if not acc.optimizer_step_was_skipped:  # fp16 overflow: no update, no schedule step
             self.scheduler.step()
@@ -381,52 +391,15 @@ class Trainer:
             p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
             offset += p.numel()
 
-    def _first_nonfinite(self, diagnostics, task_loss, aux_loss, extra_terms) -> str:
-        """The first non-finite value of the step, upstream first: memory state, then losses."""
-        from torch.utils._pytree import tree_leaves
-
-        carried = [x for x in tree_leaves(self.memory_state) if isinstance(x, Tensor)]
-        if any(not bool(x.isfinite().all()) for x in carried):
-            return "the carried memory state is non-finite"
-        for key, value in diagnostics.items():
-            if isinstance(value, float) and not math.isfinite(value):
-                return f"the memory's {key} is {value}"
-        terms = {"task loss": task_loss, "memory loss": aux_loss, **extra_terms}
-        for name, value in terms.items():
-            if not math.isfinite(value):
-                return f"the {name.replace('_', ' ')} is {value}"
-        return "the loss is non-finite"
-
-    def _first_nonfinite_param(self, *, grad: bool) -> str:
-        """The name of the first trainable tensor (or its gradient) that is NaN/inf."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        for p in self.params:
-            x = p.grad if grad else p
-            if x is not None and not bool(x.isfinite().all()):
-                return names.get(id(p), "a plug-in parameter")
-        return "a trainable parameter"
-
     def _diverged(self, what: str, *, updated: bool = False) -> None:
-        """Stop on a NaN/inf: one line with the step, the first non-finite value and what to
-        change; ``diverged.json`` lets the resume of the last good checkpoint change it."""
-        step, t = self.state.step + 1, self.cfg.train
-        last = latest_checkpoint(self.out)
-        change = (
-            f"a lower train.lr (now {t.lr:g}) or a smaller train.max_grad_norm "
-            f"(now {t.max_grad_norm})"
+        raise diverged_error(
+            self.cfg,
+            self.out,
+            self.state.step + 1,
+            what,
+            updated=updated,
+            is_main=self.accelerator.is_main_process,
         )
-        if last is None:
-            then = f"no checkpoint was written yet: rerun with {change}"
-        else:
-            then = (
-                f"the last good checkpoint is {last}: rerun in the same output_dir with "
-                f"{change} to resume from it"
-            )
-            if self.accelerator.is_main_process:
-                record = {"step": step, "what": what, "checkpoint": latest_step(self.out)}
-                ckpt.write_diverged(self.out, record)
-        done = "after updating the weights (not saved)" if updated else "before updating them"
-        raise TrainingDiverged(f"step {step}: {what}; stopped {done} — {then}")
 
     # -- evaluation --------------------------------------------------------------------------
     @torch.no_grad()

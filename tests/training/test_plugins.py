@@ -101,6 +101,11 @@ def test_a_plugin_resumes_from_its_checkpoint_and_is_strict(tmp_path):
     # step 3 started from the value saved at step 2
     assert float(resumed.value.detach()) == float(reference.value.detach())
     (checkpoints / "step-00000003" / Pull.file).unlink()
+    # listed in the manifest, a missing file is damage: the resume falls back to step 2 (tested
+    # in test_disk_safety); a checkpoint that never held it (its manifest agrees) is refused
+    from memllm.core.integrity import write_manifest
+
+    write_manifest(checkpoints / "step-00000003")
     with pytest.raises(CheckpointError, match=Pull.file):
         train(cfg, task=ToyTask(), plugins=[Pull()])
 
