@@ -83,7 +83,7 @@ from memllm.data.base import (
     rng_for,
     tokenizer_for,
 )
-from memllm.data.haystack import SentencePool, TokenCounter, build_context, distractor_pool
+from memllm.data.haystack import SentencePool, TokenCounter, build_context, cached_pool
 from memllm.data.hf_source import DatasetSource, load_records
 from memllm.errors import DataError
 
@@ -235,6 +235,24 @@ def format_parts(
 # --------------------------------------------------------------------------------------------
 # published layouts (hub or local files)
 # --------------------------------------------------------------------------------------------
+
+
+def facts_window_labels(
+    examples: list[Example], tokenizer, reading: Reading
+) -> dict[str, str] | None:
+    """Example id → "facts in window" / "facts earlier" for an arm reading ``reading``'s last
+    segment (the breakdown of every task whose examples carry fact positions); None when an
+    example's facts cannot be located."""
+    from memllm.data.prompting import format_example
+
+    labels = {}
+    for ex in examples:
+        text = format_example(tokenizer, ex.prompt, ex.target, reading.chat)[0]
+        inside = supporting_facts_in_window(text, ex, tokenizer, reading.segment_length)
+        if inside is None:
+            return None
+        labels[ex.id] = "facts in window" if inside else "facts earlier"
+    return labels
 
 
 def supporting_facts_in_window(text: str, example, tokenizer, window: int) -> bool | None:
@@ -430,17 +448,7 @@ class BabiLongTask(Task):
         self._checked.add(task)
 
     def pool(self, split: str) -> SentencePool:
-        kind = "test" if split == "test" else "train"
-        if kind not in self._pools:
-            o = self.options
-            self._pools[kind] = distractor_pool(
-                o.distractor,
-                self.counter,
-                kind,
-                test_fraction=o.distractor_test_fraction,
-                min_tokens=o.min_sentence_tokens,
-            )
-        return self._pools[kind]
+        return cached_pool(self._pools, self.options, self.counter, split)
 
     # -- examples ----------------------------------------------------------------------------
     def examples(self, split: str) -> list[Example]:
@@ -607,16 +615,10 @@ class BabiLongTask(Task):
         facts are."""
         if not all(ex.meta.get("facts") for ex in examples):
             return None
-        from memllm.data.prompting import format_example
-
         window = reading.segment_length
-        labels = {}
-        for ex in examples:
-            text = format_example(tokenizer, ex.prompt, ex.target, reading.chat)[0]
-            inside = supporting_facts_in_window(text, ex, tokenizer, window)
-            if inside is None:
-                return None
-            labels[ex.id] = "facts in window" if inside else "facts earlier"
+        labels = facts_window_labels(examples, tokenizer, reading)
+        if labels is None:
+            return None
         return Breakdown(
             "where the supporting facts are",
             labels,

@@ -135,6 +135,21 @@ def distractor_pool(
     return SentencePool(docs, counter, min_tokens=min_tokens, part=part)
 
 
+def cached_pool(pools: dict[str, SentencePool], options, counter: TokenCounter, split: str):
+    """The split's distractor pool from ``pools`` (built once per train/test kind) for a task
+    whose ``options`` have ``distractor``, ``distractor_test_fraction``, ``min_sentence_tokens``."""
+    kind = "test" if split == "test" else "train"
+    if kind not in pools:
+        pools[kind] = distractor_pool(
+            options.distractor,
+            counter,
+            kind,
+            test_fraction=options.distractor_test_fraction,
+            min_tokens=options.min_sentence_tokens,
+        )
+    return pools[kind]
+
+
 @dataclass
 class BuiltContext:
     context: str

@@ -49,7 +49,11 @@ from dataclasses import dataclass, field
 from typing import ClassVar, Literal
 
 from memllm.core.config import check
-from memllm.data.babilong import context_budget, parse_length, supporting_facts_in_window
+from memllm.data.babilong import (
+    context_budget,
+    facts_window_labels,
+    parse_length,
+)
 from memllm.data.base import (
     SPLITS,
     Breakdown,
@@ -63,7 +67,7 @@ from memllm.data.base import (
     rng_for,
     tokenizer_for,
 )
-from memllm.data.haystack import SentencePool, TokenCounter, build_context, distractor_pool
+from memllm.data.haystack import SentencePool, TokenCounter, build_context, cached_pool
 from memllm.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -317,17 +321,7 @@ class RecallTask(Task):
         self._checked = True
 
     def pool(self, split: str) -> SentencePool:
-        kind = "test" if split == "test" else "train"
-        if kind not in self._pools:
-            o = self.options
-            self._pools[kind] = distractor_pool(
-                o.distractor,
-                self.counter,
-                kind,
-                test_fraction=o.distractor_test_fraction,
-                min_tokens=o.min_sentence_tokens,
-            )
-        return self._pools[kind]
+        return cached_pool(self._pools, self.options, self.counter, split)
 
     # -- examples ------------------------------------------------------------------------------
     def examples(self, split: str) -> list[Example]:
@@ -422,15 +416,10 @@ class RecallTask(Task):
     def breakdown(self, examples: list[Example], tokenizer, reading: Reading) -> Breakdown | None:
         """The questions split by where the answering fact is: in the arms' last segment, or
         earlier (every one of them, by construction, unless the context was too short)."""
-        from memllm.data.prompting import format_example
-
-        window, labels = reading.segment_length, {}
-        for ex in examples:
-            text = format_example(tokenizer, ex.prompt, ex.target, reading.chat)[0]
-            inside = supporting_facts_in_window(text, ex, tokenizer, window)
-            if inside is None:
-                return None
-            labels[ex.id] = "facts in window" if inside else "facts earlier"
+        window = reading.segment_length
+        labels = facts_window_labels(examples, tokenizer, reading)
+        if labels is None:
+            return None
         return Breakdown(
             "where the supporting facts are",
             labels,
