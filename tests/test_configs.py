@@ -46,6 +46,10 @@ def test_shipped_config_loads(path):
         assert cfg.arms
     elif set(data) == {"memory"}:
         assert memory_config_from_file(path).type in ("latent", "neural")
+    elif "distributed_type" in data:  # an accelerate config (configs/accelerate): its own loader
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        assert load_config_from_file(str(path)).num_processes > 1
     else:
         cfg = load_run_config(path)
         assert cfg.output_dir

@@ -7,11 +7,12 @@ in a module of its own:
   only, left-padded batches, a seeded per-epoch order;
 - **steps** (here) — one optimizer step takes a *global batch* of ``batch_size ×
   grad_accum_steps × processes`` examples; process ``r`` runs its share as ``grad_accum_steps``
-  micro-batches. The loss is normalised by the global number of target tokens, and the
-  trainable gradients are summed over processes with one all-reduce, so a 2-process run takes
-  the same steps as a 1-process run with the same global batch. (The backbone is not wrapped in
-  DDP: it is frozen, and only the memory's few MB of gradients need syncing.) The lr follows
-  :mod:`~memllm.training.schedule`;
+  micro-batches. The loss is normalised by the global number of target tokens, so a 2-process
+  run takes the same steps as a 1-process run with the same global batch. Each micro-batch's
+  whole forward (all its segments) is one call of the step module that accelerate prepared
+  (DDP, or FSDP for the frozen backbone + DDP for the trainable part:
+  :mod:`~memllm.training.parallel`); the gradients are synced once, after the last micro-batch
+  (``accelerator.no_sync`` before). The lr follows :mod:`~memllm.training.schedule`;
 - **objective** — task loss (mean over target tokens) + the memory's regulariser (whatever the
   memory type reports, :mod:`~memllm.training.forward`) + each plug-in's weighted loss
   (:mod:`~memllm.training.plugins`, e.g. the supporting-fact head); every term is logged on its
@@ -51,6 +52,7 @@ from memllm.core.inject import has_memory
 from memllm.core.segments import SegmentOutput
 from memllm.errors import ConfigError, MemllmError
 from memllm.training import checkpointing as ckpt
+from memllm.training import parallel
 from memllm.training.checkpointing import CHECKPOINTS, latest_step, step_dir
 from memllm.training.curriculum import stage_config, stage_steps_done, stage_threshold_met
 from memllm.training.data import (
@@ -121,8 +123,10 @@ class Trainer:
 
         self.cfg, self.source, self.resume = cfg, source, resume
         self.accelerator = acc = Accelerator(
-            mixed_precision=_mixed_precision(cfg.train.mixed_precision)
+            mixed_precision=_mixed_precision(cfg.train.mixed_precision),
+            kwargs_handlers=[parallel.ddp_kwargs()],
         )
+        parallel.check_supported(acc, source)
         self.world, self.rank = acc.num_processes, acc.process_index
         self.out = Path(cfg.output_dir)
         # one run per output folder: refused here, before anything is built or written
@@ -144,15 +148,17 @@ class Trainer:
             self.params += plugin.parameters()
         for p in self.params:
             p.requires_grad_(True)
-        self._sync_initial_weights()
 
         t = cfg.train
         optimizer = torch.optim.AdamW(
             self.params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
-        # Prepared so that fp16 loss scaling and unscaling before clipping work; the scheduler is
-        # stepped by hand (accelerate's wrapper would step it once per process).
-        self.optimizer = acc.prepare_optimizer(optimizer)
+        # The step module is what DDP/FSDP wraps (one forward per micro-batch, all segments);
+        # the optimizer is prepared so that fp16 loss scaling and unscaling before clipping work.
+        # The scheduler is stepped by hand (accelerate's wrapper would step it once per process).
+        # DDP broadcasts process 0's trainable weights here: every process starts alike.
+        step = parallel.StepModule(model, self.params, self.forward)
+        self.step_module, self.optimizer = parallel.prepare(acc, step, optimizer, self.params)
 
         self.global_batch = t.batch_size * t.grad_accum_steps * self.world
         self.state = RunState()  # (set here too: the curriculum stage picks the data)
@@ -175,14 +181,6 @@ class Trainer:
     def _info(self, message: str, *args) -> None:
         if self.accelerator.is_main_process:  # one line per event, not one per process
             log.info(message, *args)
-
-    def _sync_initial_weights(self) -> None:
-        """Every process starts from process 0's trainable weights (seeded alike anyway)."""
-        if self.world > 1:
-            from accelerate.utils import broadcast
-
-            for p in self.params:
-                p.data.copy_(broadcast(p.data.contiguous(), from_process=0))
 
     def _build_data(self) -> None:
         """Encode the train and validation data of the current curriculum stage (the run's
@@ -319,16 +317,12 @@ class Trainer:
         sums = torch.zeros(3 + len(self.plugins), device=acc.device)
         diagnostics: dict[str, float] = {}
         share = len(batches) * self.world
-        for batch in batches:
-            with acc.autocast():
-                out, diag, extra = self.forward(batch, training=True)
-            aux = out.aux_loss if isinstance(out.aux_loss, Tensor) else torch.tensor(out.aux_loss)
-            # Sums over micro-batches and processes give the global token mean of the task loss
-            # and the means of the regulariser and the plug-in losses, whatever the batch split.
-            objective = out.loss * out.num_tokens / global_tokens + aux / share
-            for plugin, loss in zip(self.plugins, extra, strict=True):
-                objective = objective + plugin.weight * loss / share
-            acc.backward(objective)
+        for i, batch in enumerate(batches):
+            # one gradient sync per step: after the last micro-batch's backward
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last else acc.no_sync(self.step_module):
+                out, diag, extra = self._micro_batch(batch, global_tokens, share)
+            aux = _aux_tensor(out)
             parts = [out.loss.detach().float() * out.num_tokens, aux.detach().float()]
             parts += [batch.attention_mask.sum().float(), *(x.detach().float() for x in extra)]
             sums += torch.stack([x.to(acc.device) for x in parts])
@@ -346,7 +340,9 @@ class Trainer:
         if not math.isfinite(total):
             what = first_nonfinite(self.memory_state, diagnostics, task_loss, aux_loss, extra_terms)
             self._diverged(what)
-        self._all_reduce_gradients()
+        for p in self.params:  # a parameter outside this step's graph: a zero gradient, as
+            if p.grad is None:  # AdamW then still decays it (the same on every process)
+                p.grad = torch.zeros_like(p)
         max_norm = self.cfg.train.max_grad_norm or float("inf")
         grad_norm = float(acc.clip_grad_norm_(self.params, max_norm))
         if acc.scaler is None and not math.isfinite(grad_norm):
@@ -377,19 +373,20 @@ class Trainer:
             **{f"memory/{k}": v for k, v in diagnostics.items()},
         }
 
-    def _all_reduce_gradients(self) -> None:
-        """Sum the trainable gradients over processes (one flat all-reduce)."""
-        for p in self.params:
-            if p.grad is None:  # keep every process's flat buffer the same shape
-                p.grad = torch.zeros_like(p)
-        if self.world == 1:
-            return
-        flat = torch.cat([p.grad.reshape(-1) for p in self.params])
-        flat = self.accelerator.reduce(flat, "sum")
-        offset = 0
-        for p in self.params:
-            p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
+    def _micro_batch(self, batch: Batch, global_tokens: Tensor, share: int):
+        """Forward (through the prepared step module) and backward of one micro-batch."""
+        acc = self.accelerator
+        with acc.autocast():
+            out, diag, extra = self.step_module(batch, True)
+        # Sums over micro-batches and processes give the global token mean of the task loss
+        # and the means of the regulariser and the plug-in losses, whatever the batch split.
+        objective = out.loss * out.num_tokens / global_tokens + _aux_tensor(out) / share
+        for plugin, loss in zip(self.plugins, extra, strict=True):
+            objective = objective + plugin.weight * loss / share
+        # DDP averages the gradients over processes; the objective is this process's share of
+        # the global sum, so it is scaled up by the process count (1 process: left as it is)
+        acc.backward(objective * self.world if self.world > 1 else objective)
+        return out, diag, extra
 
     def _diverged(self, what: str, *, updated: bool = False) -> None:
         raise diverged_error(
@@ -418,8 +415,8 @@ class Trainer:
         for i in range(0, len(mine), size):
             chunk = [self.eval_items[j] for j in mine[i : i + size]]
             batch = self._collate(chunk)
-            with acc.autocast():
-                out, _, extra = self.forward(batch, training=False)
+            with acc.autocast():  # through the step module: FSDP's root unit runs its hooks
+                out, _, extra = self.step_module(batch, False)
             row = [float(out.loss) * out.num_tokens, out.num_tokens, len(chunk)]
             sums += torch.tensor(row + [float(x) * len(chunk) for x in extra], device=acc.device)
             if e.generate and self.eval_examples is not None:
@@ -699,6 +696,10 @@ def _mixed_precision(setting: str) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "no"
+
+
+def _aux_tensor(out: SegmentOutput) -> Tensor:
+    return out.aux_loss if isinstance(out.aux_loss, Tensor) else torch.tensor(out.aux_loss)
 
 
 def _plain(cfg: RunConfig) -> dict[str, Any]:

@@ -176,7 +176,7 @@ HOW: dict[str, Callable] = {
         "runs it on a tiny one)"
     ),
     "data export babilong": _export_hf,
-    "accelerate launch": _skip("launches several processes (tests/training/test_ddp.py runs DDP)"),
+    "accelerate launch": _skip("launches several processes (tests/training/test_distributed.py)"),
 }
 
 
