@@ -465,7 +465,64 @@ CHECKPOINTS = [
     ),
 ]
 
-CLI_CASES = CONFIG_FILES + CONFIG_VALUES + CONFIG_MODEL + CLI_ARGS + SCORE_FILES + CHECKPOINTS
+# --------------------------------------------------------------------------------------------
+# experiment configs: choosing an arm on validation (select), checked before any model loads
+# --------------------------------------------------------------------------------------------
+
+EXPERIMENT = {
+    "exp.yaml": """\
+model: {name: tiny-llama}
+data: {task: babilong, tasks: [qa1], lengths: [0k], num_validation: 4, tokenizer: tiny-llama}
+segment_length: 64
+arms:
+  window: {kind: window}
+  latent: {kind: memory, memory: {type: latent, num_slots: 4, memory_dim: 16, num_heads: 2}}
+  latent_no_carry:
+    kind: memory
+    carry: false
+    memory: {type: latent, num_slots: 4, memory_dim: 16, num_heads: 2}
+  kv: {kind: memory, untrained: true, memory: {type: kv_retrieval}}
+select: {among: [latent, kv], keep: [latent], subset: facts earlier}
+output_dir: out
+"""
+}
+EXP = ["experiment", "--config", "exp.yaml"]
+SELECT = [
+    ("select.among=[]", "select.among: name at least one"),
+    ("select.among=[ghost, latent]", "select.among: no arm named 'ghost'"),
+    ("select.among=[window, latent]", "select.among: 'window' is not a memory arm"),
+    (
+        "select.among=[latent_no_carry, latent]",
+        "select.among: 'latent_no_carry' is a no-carry control",
+    ),
+    ("select.among=[kv, kv]", "select.among: 'kv' is named twice"),
+    ("select.keep=[window]", "select.keep: 'window' is not a candidate"),
+    ("select.keep=[ghost]", "select.keep: 'ghost' is not a candidate"),
+    ("select.subset=facts_earlier", "select.subset: 'facts_earlier': babilong labels"),
+    ("select.max_examples=0", "select.max_examples"),
+    ("select.among=latent", "select.among"),
+    ("select.pick=best", "unknown key select.pick"),
+    ("train_data.num_validation=2", "train_data.num_validation"),
+    ("eval.split=validation", "eval.split: select chooses on the validation split"),
+]
+EXPERIMENT_SELECT = [Cli(f"experiment {o}", [*EXP, o], EXPERIMENT, e) for o, e in SELECT] + [
+    Cli(
+        "experiment select on zsre facts",
+        [*EXP, "data={task: zsre}", "arms.latent_no_carry.carry=true"],
+        EXPERIMENT,
+        "select.subset: 'facts earlier': zsre labels no subsets",
+    ),
+]
+
+CLI_CASES = (
+    CONFIG_FILES
+    + CONFIG_VALUES
+    + CONFIG_MODEL
+    + CLI_ARGS
+    + SCORE_FILES
+    + CHECKPOINTS
+    + EXPERIMENT_SELECT
+)
 
 
 def _snapshot(folder: Path) -> dict[str, str]:

@@ -67,13 +67,15 @@ def register(sub) -> None:
 
     q = sub.add_parser(
         "quickstart",
-        help="the bundled model + BabiLong built offline: latent memory vs baselines (~15 min CPU)",
+        help="the bundled model + BabiLong built offline: the memory chosen on validation vs "
+        "baselines (~15 min CPU)",
     )
     q.add_argument("--output", help="output folder (default runs/quickstart)")
     q.add_argument(
         "--arms",
-        help="comma-separated subset of the arms (base, window, latent); the others' results "
-        "already in the output folder stay in the report when their settings are unchanged",
+        help="comma-separated subset of the arms (base, window, latent, latent_no_carry, "
+        "episodic, episodic_no_carry, kv_retrieval); the others' results already in the output "
+        "folder stay in the report when their settings are unchanged",
     )
     q.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     q.set_defaults(func=cmd_quickstart)

@@ -43,6 +43,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    raise  # an optional section: its own error names the key inside it
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
         if value not in get_args(tp):

@@ -237,6 +237,10 @@ def format_parts(
 # --------------------------------------------------------------------------------------------
 
 
+FACT_SUBSETS = ("facts in window", "facts earlier")
+"""The subsets :func:`facts_window_labels` labels (a task's ``breakdown_subsets``)."""
+
+
 def facts_window_labels(
     examples: list[Example], tokenizer, reading: Reading
 ) -> dict[str, str] | None:
@@ -351,6 +355,7 @@ class BabiLongTask(Task):
 
     name = "babilong"
     max_new_tokens = 20  # the benchmark's generation length
+    breakdown_subsets = FACT_SUBSETS  # what breakdown() labels (an experiment's select.subset)
 
     def __init__(self, options: BabiLongOptions):
         self.options = options

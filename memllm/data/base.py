@@ -131,7 +131,9 @@ class Task(Protocol):
         return ModelScores()
 
     def breakdown(self, examples: list[Example], tokenizer, reading: Reading) -> Breakdown | None:
-        """Subsets of the examples worth reporting apart. Default: none."""
+        """Subsets of the examples worth reporting apart. Default: none. A task that labels
+        subsets names them in a class attribute ``breakdown_subsets`` (what an experiment's
+        ``select.subset`` may choose on)."""
         return None
 
     def answer_candidates(self, example: Example) -> Sequence[str] | None:

@@ -50,6 +50,7 @@ from typing import ClassVar, Literal
 
 from memllm.core.config import check
 from memllm.data.babilong import (
+    FACT_SUBSETS,
     context_budget,
     facts_window_labels,
     parse_length,
@@ -266,6 +267,7 @@ class RecallTask(Task):
 
     name = "recall"
     max_new_tokens = 8  # a number, perhaps a period: the first line is all that is scored
+    breakdown_subsets = FACT_SUBSETS  # what breakdown() labels (an experiment's select.subset)
     # what a report prints beside the numbers (metric → definition); chance is ``self.chance``
     metric_definitions: ClassVar[dict[str, str]] = {
         "accuracy": "closed-set match: the first line of the output names the gold number and "

@@ -9,12 +9,18 @@ Each arm generates an answer for every evaluation example and the task scores th
 (:class:`memllm.data.base.Task`): ``model_scores`` (HotpotQA's supporting facts, ZsRE's
 teacher-forced accuracies), ``breakdown`` (BabiLong's questions by where their facts are) and
 ``checkpoint_heads`` (a head saved with a memory). The runner never asks which task it runs.
+
+An arm is first *prepared* (:meth:`Experiment.prepare_arm`: trained, loaded, or the bare
+backbone), then tested (:meth:`Experiment.test_arm`). With ``select`` in the config, the
+candidate memory arms are prepared and scored on the validation split first, and only the
+chosen one (and ``keep``) is tested (:mod:`memllm.evaluation.selection`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +29,14 @@ import torch
 from memllm.core.config import to_dict
 from memllm.data.base import Breakdown, Reading
 from memllm.errors import ConfigError
-from memllm.evaluation import carry, closed_set, report, results
+from memllm.evaluation import carry, closed_set, report, results, selection
 from memllm.evaluation.experiment_config import (
     ArmSettings,
     ExperimentConfig,
     arm_run_config,
     load_experiment_config,
 )
+from memllm.evaluation.groups import first_per_group
 from memllm.training.run_config import with_file
 
 log = logging.getLogger(__name__)
@@ -43,19 +50,34 @@ _NEURAL_ARCHS = {
 }
 
 
+# Experiment settings that do not change what an arm's test result means: an arm evaluated under
+# other values of these is kept (``--arms``); ``select`` only decides which arms are tested.
+LOOSE_SETTINGS = ("arms", "name", "compare_with", "select")
+
+
 def select_examples(task, split: str, per_group: int | None):
     """The evaluation examples: the first ``per_group`` of each group, in the task's order."""
-    examples = task.examples(split)
-    if per_group is None:
-        return examples
-    seen: dict[str, int] = {}
-    chosen = []
-    for ex in examples:
-        group = ex.meta.get("group", "all")
-        if seen.get(group, 0) < per_group:
-            chosen.append(ex)
-            seen[group] = seen.get(group, 0) + 1
-    return chosen
+    return first_per_group(task.examples(split), per_group)
+
+
+@dataclass
+class PreparedArm:
+    """An arm ready to answer: its model (trained, loaded, or the bare backbone) and what its
+    result reports about how it got there.
+
+    Attributes:
+        seconds: spent preparing it (loading, training), counted in the arm's wall time.
+        segment: tokens per segment it reads (``base``: its whole window).
+    """
+
+    model: Any
+    tokenizer: Any
+    segment: int
+    seconds: float
+    heads: dict[str, Any] = field(default_factory=dict)
+    train_time: float | None = None
+    train_log: Path | None = None
+    params: int = 0
 
 
 def predict(
@@ -158,11 +180,23 @@ class Experiment:
             raise with_file(err, source) from None
         self.examples = select_examples(self.task, cfg.eval.split, cfg.eval.max_examples)
         self.max_new_tokens = cfg.eval.max_new_tokens or getattr(self.task, "max_new_tokens", 20)
-        self.candidates = self._closed_set_candidates()
+        self.candidates = self._closed_set_candidates(self.examples)
         self.notes: list[str] = []
+        self.selection: dict[str, Any] | None = None  # results["selection"] (select in config)
+        self.prepared: dict[str, PreparedArm] = {}  # candidates validated, kept for their test
         self._backbone = None
         self._tokenizer = None  # of the last arm run: the task's breakdown reads prompts with it
         self._breakdown: Breakdown | bool | None = None  # the task's; False: it has none
+
+    def tokenizer(self):
+        """The tokenizer of the last arm prepared, else the backbone's (loaded alone: a run
+        whose arms were all kept from earlier runs still reports the task's breakdown)."""
+        if self._tokenizer is None:
+            from memllm.core.backbone import load_tokenizer
+
+            m = self.cfg.model
+            self._tokenizer = load_tokenizer(m.name, gguf_file=m.gguf_file)
+        return self._tokenizer
 
     def backbone(self):
         """The bare backbone, loaded once for the baseline arms."""
@@ -174,23 +208,32 @@ class Experiment:
         """Run the selected arms; the report is rewritten after each one, so an interrupted
         experiment keeps what it finished (rerun the rest with ``--arms``)."""
         kept = self._kept_arms()  # arm name -> result, filled in as arms finish
+        names = self.arm_names
+        if self.cfg.select is not None:  # validate the candidates; test only the chosen ones
+            names = selection.run_selection(self, kept)
         results: dict[str, Any] = {}
-        for name in self.arm_names:
+        for name in names:
             log.info("arm %s (%s)", name, self.cfg.arms[name].kind)
             kept[name] = self.run_arm(name, self.cfg.arms[name])  # a rerun replaces a kept one
-            results = self._write_report([kept[n] for n in self.cfg.arms if n in kept])
+            results = self.write_report([kept[n] for n in self.cfg.arms if n in kept])
+        if not names:
+            results = self.write_report([kept[n] for n in self.cfg.arms if n in kept])
         return results
 
-    def _write_report(self, arm_results: list[dict[str, Any]]) -> dict[str, Any]:
+    def write_report(self, arm_results: list[dict[str, Any]], *, plots: bool = True) -> dict:
+        """Write results.json, results.md and (``plots``) the plots from ``arm_results`` and the
+        selection, if any; returns the results."""
         info = results.experiment_info(
             self.cfg.name, to_dict(self.cfg), self.cfg.seed, notes=self.notes
         )
         out = results.make_results(info, arm_results)
         references = self.cfg.compare_with or results.REFERENCE_ARMS
         results.add_comparisons(out, references)
-        if self._breakdown is None:  # once, with the tokenizer of the first arm run
+        if self.selection is not None:
+            out["selection"] = self.selection
+        if self._breakdown is None and arm_results:  # once, with the first arm's tokenizer
             reading = Reading(self.cfg.segment_length, chat=self.cfg.model.chat_template)
-            self._breakdown = self.task.breakdown(self.examples, self._tokenizer, reading) or False
+            self._breakdown = self.task.breakdown(self.examples, self.tokenizer(), reading) or False
         if self._breakdown:
             b = self._breakdown
             results.add_breakdown(out, b.key, b.labels, b.description, references, order=b.order)
@@ -199,7 +242,7 @@ class Experiment:
             out["experiment"]["chance"] = chance
         labels = self._breakdown.labels if self._breakdown else None
         carry.carry_checks(out, carry.control_pairs(self.cfg.arms), labels, seed=self.cfg.seed)
-        self.paths = report.write_results(self.out, out)
+        self.paths = report.write_results(self.out, out, plots=plots)
         return out
 
     def chance(self) -> float | None:
@@ -213,12 +256,12 @@ class Experiment:
             return closed_set.chance_level(candidates)
         return None
 
-    def _closed_set_candidates(self) -> list | None:
+    def _closed_set_candidates(self, examples) -> list | None:
         """Each example's candidate answers under ``eval.closed_set`` (None when off)."""
         if not self.cfg.eval.closed_set:
             return None
-        candidates = [self.task.answer_candidates(ex) for ex in self.examples]
-        missing = next((e for e, c in zip(self.examples, candidates, strict=True) if not c), None)
+        candidates = [self.task.answer_candidates(ex) for ex in examples]
+        missing = next((e for e, c in zip(examples, candidates, strict=True) if not c), None)
         if missing is not None:
             raise with_file(
                 ConfigError(
@@ -238,17 +281,12 @@ class Experiment:
         others = [n for n in self.cfg.arms if n not in self.arm_names]
         if not others or not path.is_file():
             return {}
-        previous = results.load_results(path)
-        old, new = previous["experiment"].get("config", {}), to_dict(self.cfg)
-        loose = ("arms", "name", "compare_with")
-        same = {k: v for k, v in old.items() if k not in loose} == {
-            k: v for k, v in new.items() if k not in loose
-        }
+        previous, same = self.previous_results()
         kept, dropped = {}, []
         for name in others:
             if name not in previous["arms"]:
                 continue
-            if same and old.get("arms", {}).get(name) == new["arms"][name]:
+            if same and self.same_arm(previous, name):
                 kept[name] = previous["arms"][name]
             else:
                 dropped.append(name)
@@ -264,8 +302,32 @@ class Experiment:
             )
         return kept
 
+    def previous_results(self) -> tuple[dict[str, Any], bool]:
+        """This output folder's ``results.json`` (empty when there is none), and whether it ran
+        with this experiment's settings (all but :data:`LOOSE_SETTINGS`)."""
+        path = self.out / "results.json"
+        if not path.is_file():
+            return {"experiment": {}, "arms": {}}, False
+        previous = results.load_results(path)
+        old, new = previous["experiment"].get("config", {}), to_dict(self.cfg)
+        same = {k: v for k, v in old.items() if k not in LOOSE_SETTINGS} == {
+            k: v for k, v in new.items() if k not in LOOSE_SETTINGS
+        }
+        return previous, same
+
+    def same_arm(self, previous: dict[str, Any], name: str) -> bool:
+        """Whether arm ``name`` ran in ``previous`` with the settings it has now."""
+        old = previous["experiment"].get("config", {}).get("arms", {}).get(name)
+        return old == to_dict(self.cfg)["arms"][name]
+
     def run_arm(self, name: str, arm: ArmSettings) -> dict[str, Any]:
-        """Train (or load) one arm, generate its answers and score them."""
+        """Train (or load) one arm, generate its answers and score them; an arm already
+        prepared for validation (``select``) is tested as it is, not trained again."""
+        prepared = self.prepared.pop(name, None) or self.prepare_arm(name, arm)
+        return self.test_arm(name, arm, prepared)
+
+    def prepare_arm(self, name: str, arm: ArmSettings) -> PreparedArm:
+        """Train one arm (or load its checkpoint, or take the bare backbone)."""
         import memllm
         from memllm.core.backbone import context_length
 
@@ -302,44 +364,79 @@ class Experiment:
             params = sum(p.numel() for p in trained)
         model.eval()
         self._tokenizer = tokenizer
-        eval_start = time.perf_counter()
+        return PreparedArm(
+            model,
+            tokenizer,
+            segment,
+            time.perf_counter() - start,
+            heads=heads,
+            train_time=train_time,
+            train_log=train_log,
+            params=params,
+        )
+
+    def score_examples(
+        self, name: str, arm: ArmSettings, prepared: PreparedArm, examples, candidates, desc: str
+    ) -> tuple[list[str], dict[str, list[float]]]:
+        """``(outputs, per-example scores)``: the arm's answers to ``examples`` scored by the
+        task, and by ``eval.closed_set`` (``candidates``: each example's answer set) when on."""
+        model, tokenizer, segment = prepared.model, prepared.tokenizer, prepared.segment
         with torch.no_grad():
             outputs = predict(
                 model,
                 tokenizer,
-                self.examples,
+                examples,
                 segment_length=segment,
                 max_new_tokens=self.max_new_tokens,
                 batch_size=self.cfg.eval.batch_size,
-                desc=f"eval {name}",
+                desc=desc,
                 chat=self.cfg.model.chat_template,
                 context_tokens=None if arm.carry else segment,
                 inline=arm.kind == "base",
             )
-        eval_time = time.perf_counter() - eval_start
-        scores = self.task.score(self.examples, outputs)
-        if self.candidates is not None:
+        scores = self.task.score(examples, outputs)
+        if candidates is not None:
             with torch.no_grad():
                 likelihoods = closed_set.candidate_log_likelihoods(
                     model,
                     tokenizer,
-                    self.examples,
-                    self.candidates,
+                    examples,
+                    candidates,
                     segment_length=segment,
                     chat=self.cfg.model.chat_template,
                     context_tokens=None if arm.carry else segment,
                     batch_size=self.cfg.eval.batch_size,
                 )
             scores[closed_set.METRIC] = closed_set.closed_set_correct(
-                self.examples, self.candidates, likelihoods
+                examples, candidates, likelihoods
             )
+        return outputs, scores
+
+    def validate_arm(
+        self, name: str, arm: ArmSettings, prepared: PreparedArm, examples
+    ) -> dict[str, list[float]]:
+        """Per-example scores of a prepared arm on validation ``examples``: the same generation
+        (and closed-set) scoring as its test, without the task's model-based extras."""
+        candidates = self._closed_set_candidates(examples)
+        return self.score_examples(name, arm, prepared, examples, candidates, f"validate {name}")[1]
+
+    def test_arm(self, name: str, arm: ArmSettings, prepared: PreparedArm) -> dict[str, Any]:
+        """Generate a prepared arm's answers to the evaluation examples, score them, write its
+        predictions and return its result."""
+        model, tokenizer, segment = prepared.model, prepared.tokenizer, prepared.segment
+        start = time.perf_counter()
+        self._tokenizer = tokenizer
+        outputs, scores = self.score_examples(
+            name, arm, prepared, self.examples, self.candidates, f"eval {name}"
+        )
+        eval_time = time.perf_counter() - start
         reading = Reading(
             segment,
             chat=self.cfg.model.chat_template,
             batch_size=self.cfg.eval.batch_size,
             arm=name,
             outputs=outputs,
-            heads=heads,
+            heads=prepared.heads,
             reference_model=lambda: self.backbone()[0],
             train_task=self.train_task,
             seed=self.cfg.seed,
@@ -355,12 +452,14 @@ class Experiment:
             [ex.meta.get("group", "all") for ex in self.examples],
             example_ids=[ex.id for ex in self.examples],
             description=arm.description or self._describe(name, arm),
-            wall_time_s=time.perf_counter() - start,
-            train_time_s=train_time,
+            wall_time_s=prepared.seconds + time.perf_counter() - start,
+            train_time_s=prepared.train_time,
             eval_time_s=eval_time,
-            trainable_params=params,
+            trainable_params=prepared.params,
             seed=self.cfg.seed,
-            train_log=train_log if train_log and train_log.is_file() else None,
+            train_log=(
+                prepared.train_log if prepared.train_log and prepared.train_log.is_file() else None
+            ),
             descriptions=getattr(self.task, "metric_definitions", None),
             extra={"kind": arm.kind, "segment_length": segment},
         )

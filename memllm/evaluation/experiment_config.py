@@ -27,11 +27,22 @@ lists (see :mod:`memllm.evaluation.results`). Each memory arm is also paired wit
 no-carry control on the questions whose facts lie before the last segment, shown first in the
 report: the control of arm ``X`` is the arm named ``X_no_carry`` (``carry: false``); an
 untrained (training-free) memory arm's is ``window`` (:mod:`memllm.evaluation.carry`).
+
+Choosing on validation: ``select`` names candidate memory arms (``among``); each is trained and
+scored on the task's validation split (``subset``: the questions the choice is made on), the
+best is tested, the others are not, and neither are their no-carry controls
+(:mod:`memllm.evaluation.selection`)::
+
+    select:
+      among: [latent, episodic, kv_retrieval]
+      keep: [latent]            # tested whatever validation says
+      subset: facts earlier     # all (default), or a subset the task's breakdown labels
+      max_examples: null        # validation examples per group; null = all of the split
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -119,6 +130,36 @@ class ExperimentEval:
 
 
 @dataclass
+class ExperimentSelect:
+    """Choose among memory arms on validation; only the chosen one (and ``keep``) is tested."""
+
+    among: list[str] = _help(
+        "candidate memory arms (names in arms); the highest validation score is tested, ties "
+        "to the earlier name",
+        default_factory=list,
+    )
+    keep: list[str] = _help("candidates tested whatever validation says", default_factory=list)
+    subset: str = _help(
+        "the validation questions the choice is made on: all, or a subset the task's breakdown "
+        "labels (babilong, recall: facts earlier, facts in window)",
+        default="all",
+    )
+    max_examples: int | None = _help(
+        "validation examples scored per group (task/length), after the subset; null = all",
+        default=None,
+    )
+
+    def __post_init__(self) -> None:
+        check(len(self.among) > 0, "among", "name at least one candidate memory arm")
+        twice = next((n for n in self.among if self.among.count(n) > 1), None)
+        check(twice is None, "among", f"{twice!r} is named twice")
+        for name in self.keep:
+            check(name in self.among, "keep", f"{name!r} is not a candidate (add it to among)")
+        if self.max_examples is not None:
+            check(self.max_examples > 0, "max_examples", "must be > 0 (or null)")
+
+
+@dataclass
 class ExperimentConfig:
     """A set of arms evaluated on the same data."""
 
@@ -146,6 +187,11 @@ class ExperimentConfig:
     compare_with: list[str] | None = _help(
         "reference arms, each other arm is paired-tested against each of them; null = base and "
         "window (list them too when adding one, e.g. a no-carry control: [base, window, x])",
+        default=None,
+    )
+    select: ExperimentSelect | None = _help(
+        "choose the best memory arm on the validation split, test only it (and keep); null = "
+        "test every arm",
         default=None,
     )
     output_dir: str = _help("results.json, results.md, plots/ and arms/", default="runs/experiment")
@@ -181,6 +227,8 @@ class ExperimentConfig:
             "train_data.task",
             f"unknown task {task!r} (known: {', '.join(TASKS)})",
         )
+        if self.select is not None:
+            self._check_select(self.select)
         if self.train_task_name == "corpus":
             metric = self.validation.get("metric", "loss")
             check(
@@ -202,6 +250,45 @@ class ExperimentConfig:
                     "train.max_length",
                     "the corpus (train_data.task) is packed into rows of this many tokens; set it",
                 )
+
+    def _check_select(self, select: ExperimentSelect) -> None:
+        from memllm.data import TASKS
+
+        for name in select.among:
+            arm = self.arms.get(name)
+            check(arm is not None, "select.among", f"no arm named {name!r}")
+            check(arm.kind == "memory", "select.among", f"{name!r} is not a memory arm")
+            check(
+                arm.carry,
+                "select.among",
+                f"{name!r} is a no-carry control (it runs with its candidate, not as one)",
+            )
+        check(
+            self.eval.split == "test",
+            "eval.split",
+            "select chooses on the validation split; the chosen arm is evaluated on test",
+        )
+        task = self.data["task"]
+        labelled = getattr(TASKS[task].task_cls, "breakdown_subsets", ()) if task in TASKS else ()
+        check(
+            select.subset in ("all", *labelled),
+            "select.subset",
+            f"{select.subset!r}: {task} labels "
+            + (", ".join(repr(s) for s in labelled) if labelled else "no subsets")
+            + "; or all",
+        )
+        # The choice is made on data's validation split; trained arms train on train_data's train
+        # split. With fewer held-out examples there, train would hold what select validates on.
+        held_out = self.train_data.get("num_validation")
+        if self.train_task_name == task and isinstance(held_out, int):
+            defaults = {f.name: f.default for f in fields(TASKS[task].options_cls)}
+            chosen_on = self.data.get("num_validation", defaults.get("num_validation"))
+            check(
+                not isinstance(chosen_on, int) or held_out >= chosen_on,
+                "train_data.num_validation",
+                "below data.num_validation: the trained arms would train on validation examples "
+                "that select chooses on",
+            )
 
     @property
     def train_task_name(self) -> str:

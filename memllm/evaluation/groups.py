@@ -2,7 +2,7 @@
 
 An arm's examples carry one group each (``task/length`` for BabiLong, ``all`` when a task has
 none); results, tables and plots order them with :func:`group_sort_key` and find the length
-component with :func:`length_axis`.
+component with :func:`length_axis`; :func:`first_per_group` takes the first examples of each.
 """
 
 from __future__ import annotations
@@ -55,3 +55,18 @@ def task_length(keys: Sequence[str]) -> tuple[list[str], list[str]] | None:
     tasks = sorted({k.split("/")[0] for k in keys}, key=natural_key)
     lengths = sorted({k.split("/")[1] for k in keys}, key=lambda x: parse_length(x) or 0.0)
     return tasks, lengths
+
+
+def first_per_group(examples: Sequence, per_group: int | None) -> list:
+    """The first ``per_group`` examples of each group (``meta["group"]``), in their order;
+    all of them when ``per_group`` is None."""
+    if per_group is None:
+        return list(examples)
+    seen: dict[str, int] = {}
+    chosen = []
+    for ex in examples:
+        group = ex.meta.get("group", "all")
+        if seen.get(group, 0) < per_group:
+            chosen.append(ex)
+            seen[group] = seen.get(group, 0) + 1
+    return chosen

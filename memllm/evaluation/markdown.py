@@ -186,13 +186,16 @@ def render_markdown(
         facts.append(f"chance {_fmt_num(exp['chance'], True)} %")
     out += [" · ".join(facts), ""]
     out += carry_section(results)
+    out += selection_section(results)
     out += ["## How to read this report", ""]
     out += [_HOW_TO_READ.format(alpha=ALPHA), ""]
 
     out += ["## Arms", ""]
+    chosen = (results.get("selection") or {}).get("chosen")
     for name, arm in arms.items():
         desc = arm.get("description") or ARM_DESCRIPTIONS.get(name, "")
-        out.append(f"- **{name}**" + (f": {desc}" if desc else ""))
+        mark = " (chosen on validation)" if name == chosen else ""
+        out.append(f"- **{name}**{mark}" + (f": {desc}" if desc else ""))
     out.append("")
 
     definitions = metric_definitions(results)
@@ -308,12 +311,13 @@ def carry_section(results: Mapping[str, Any]) -> list[str]:
     """The "Does the memory carry?" table (``results["carry"]``,
     :mod:`memllm.evaluation.carry`) as report lines; none when no arm has a control."""
     info = results.get("carry") or {}
+    chosen = (results.get("selection") or {}).get("chosen")
     rows = []
     for r in info.get("rows", []):
         t = r.get("test")
         rows.append(
             [
-                r["arm"],
+                f"{r['arm']} (chosen)" if r["arm"] == chosen else r["arm"],
                 r["control"],
                 r["metric"],
                 str(r["n"]),
@@ -359,6 +363,70 @@ def carry_section(results: Mapping[str, Any]) -> list[str]:
         _md_table(headers, rows, align="lllrrrrrc"),
         "",
     ]
+
+
+def selection_section(results: Mapping[str, Any]) -> list[str]:
+    """The "Chosen on validation" section (``results["selection"]``,
+    :mod:`memllm.evaluation.selection`) as report lines; none without a selection."""
+    info = results.get("selection")
+    if not info:
+        return []
+    metric = info.get("metric") or "score"
+    scores = info.get("scores") or {}
+    chosen, keep = info.get("chosen"), set(info.get("keep") or [])
+    rows = []
+    for name in info.get("among", []):
+        s = scores.get(name)
+        role = "chosen" if name == chosen else ("kept" if name in keep else "")
+        tested = "yes" if name in (info.get("tested") or []) else "no"
+        rows.append(
+            [
+                name,
+                str(s["n"]) if s else "–",
+                _fmt_summary(s, True) if s else "not validated yet",
+                role or "–",
+                tested,
+            ]
+        )
+    subset = info.get("subset", "all")
+    where = "every validation question" if subset == "all" else f"the `{subset}` questions"
+    if info.get("max_examples"):
+        where += f" (the first {info['max_examples']} of each group)"
+    if chosen:
+        verdict = (
+            f"Chosen: **{chosen}**, the highest validation {metric} (ties go to the earlier "
+            f"candidate). The test split was run once, on the chosen arm"
+            + (f" and on the `keep` arms ({', '.join(sorted(keep))})" if keep - {chosen} else "")
+            + "; the other candidates and their no-carry controls were not tested."
+        )
+    else:
+        waiting = ", ".join(f"`{n}`" for n in info.get("among", []) if n not in scores)
+        verdict = (
+            f"No arm chosen yet: {waiting} not validated (run with `--arms`); until then only "
+            "the `keep` arms are tested."
+        )
+    method = (
+        "Wilson interval"
+        if _all_wilson(scores)
+        else "interval: Wilson for 0/1 values, bootstrap otherwise"
+    )
+    return [
+        "## Chosen on validation",
+        "",
+        f"Each candidate memory arm trained as its test arm would be, then scored on the "
+        f"task's **validation** split, on {where}: {metric} [95 % {method}]. {verdict}",
+        "",
+        _md_table(
+            ["candidate", "n", f"validation {metric} (%)", "choice", "tested"],
+            rows,
+            align="lrrll",
+        ),
+        "",
+    ]
+
+
+def _all_wilson(scores: Mapping[str, Any]) -> bool:
+    return all(s.get("method") == "wilson" for s in scores.values())
 
 
 def _arm_rows(results: Mapping[str, Any], metrics: Sequence[str], pct: set[str]) -> list[list]:
@@ -408,7 +476,32 @@ def format_table(results: Mapping[str, Any]) -> str:
     definitions = metric_definitions(results)
     if definitions:
         text += "\n\n" + "\n".join(f"{m}: {d}" for m, d in definitions.items())
+    choice = chosen_line(results)
+    if choice:
+        text += "\n\n" + choice
     return text
+
+
+def chosen_line(results: Mapping[str, Any]) -> str | None:
+    """One line saying which arm was chosen on validation, with its score; None without a
+    selection."""
+    info = results.get("selection")
+    if not info:
+        return None
+    chosen = info.get("chosen")
+    if not chosen:
+        waiting = [n for n in info.get("among", []) if n not in (info.get("scores") or {})]
+        return f"chosen on validation: none yet (no validation score for {', '.join(waiting)})"
+    s = info["scores"][chosen]
+    others = ", ".join(
+        f"{n} {_fmt_num(info['scores'][n]['value'], True)}"
+        for n in info.get("among", [])
+        if n != chosen and n in info["scores"]
+    )
+    return (
+        f"chosen on validation: {chosen} ({info.get('metric')} {_fmt_summary(s, True)} %, "
+        f"n={s['n']}, {info.get('subset')}" + (f"; others: {others}" if others else "") + ")"
+    )
 
 
 def _align_columns(rows: Sequence[Sequence[str]]) -> str:
