@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -87,8 +88,16 @@ class KVRetrievalConfig:
     max_blocks: int | None = field(
         default=None, metadata={"help": "complete blocks kept per layer; the oldest go first"}
     )
-    offload: Literal["none", "cpu"] = field(
-        default="none", metadata={"help": "where the store lives: with the model, or in CPU RAM"}
+    offload: Literal["none", "cpu", "disk"] = field(
+        default="none",
+        metadata={
+            "help": "where the store lives: with the model, in CPU RAM, or in memory-mapped "
+            "files (keys/values; unlinked at once, gone with the state)"
+        },
+    )
+    offload_dir: str | None = field(
+        default=None,
+        metadata={"help": "folder of offload: disk's files; null = the system temp folder"},
     )
     store_dtype: Literal["auto", "float16", "bfloat16", "float32"] = field(
         default="auto", metadata={"help": "dtype of stored keys/values; auto = the model's"}
@@ -213,6 +222,12 @@ class KVRetrievalMemory(nn.Module):
 
     # -- the memory contract ----------------------------------------------------------------------
     def init_state(self, batch_size: int, device: torch.device, dtype: torch.dtype) -> KVState:
+        offload, folder = self.config.offload, self.config.offload_dir
+        check(
+            offload != "disk" or not folder or os.path.isdir(folder),
+            "offload_dir",
+            f"{folder!r} is not a folder",
+        )
         spec = StoreSpec(
             block_size=self.config.block_size,
             repr_keys=self.config.repr_keys,
@@ -220,7 +235,8 @@ class KVRetrievalMemory(nn.Module):
             max_blocks=self.config.max_blocks,
             window=self.window,
             dtype=self.store_dtype(dtype),
-            device=torch.device("cpu") if self.config.offload == "cpu" else torch.device(device),
+            device=torch.device("cpu") if offload != "none" else torch.device(device),
+            disk_dir=(self.config.offload_dir or "") if offload == "disk" else None,
         )
         return KVState([LayerStore(spec) for _ in range(batch_size)])
 
@@ -281,24 +297,20 @@ def rotate(x: Tensor, positions: Tensor, inv_freq: Tensor) -> Tensor:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scaling, softcap) -> Tensor:
-    """Attention of q (H, Tq, D) over k, v (Hkv, Tk, D) with a (Tq, Tk) bool mask."""
+    """Attention of q ([B,] H, Tq, D) over k, v ([B,] Hkv, Tk, D) with a ([B,] Tq, Tk) bool mask."""
+    if q.dim() == 3:
+        return _attend(q[None], k[None], v[None], mask[None], scaling, softcap)[0]
     mask = mask | ~mask.any(-1, keepdim=True)  # rows with no key (padding): finite junk, no NaN
     if softcap is None:
-        out = F.scaled_dot_product_attention(
-            q[None],
-            k[None].to(q.dtype),
-            v[None].to(q.dtype),
-            mask[None, None],
-            scale=scaling,
-            enable_gqa=True,
+        return F.scaled_dot_product_attention(
+            q, k.to(q.dtype), v.to(q.dtype), mask[:, None], scale=scaling, enable_gqa=True
         )
-        return out[0]
-    group = q.shape[0] // k.shape[0]
-    k = k.repeat_interleave(group, 0).to(q.dtype)
-    v = v.repeat_interleave(group, 0).to(q.dtype)
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, 1).to(q.dtype)
+    v = v.repeat_interleave(group, 1).to(q.dtype)
     logits = q @ k.transpose(-1, -2) * (scaling if scaling is not None else q.shape[-1] ** -0.5)
     logits = softcap * torch.tanh(logits / softcap)
-    logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
+    logits = logits.masked_fill(~mask[:, None], torch.finfo(logits.dtype).min)
     return logits.softmax(-1, dtype=torch.float32).to(q.dtype) @ v
 
 
@@ -362,6 +374,11 @@ def kv_retrieval_attention(
         call.new_state = _written(
             memory, call, key[:, :, -tq:], value[:, :, -tq:], query, positions, real
         )
+    # an on-disk store: unmap what this call wrote or read, so that the resident set holds
+    # one layer's working set at a time (the data stays in the file)
+    touched = [*read.stores, *(call.new_state.stores if call.new_state else [])]
+    for store in {id(s.storage): s for s in touched if s.storage is not None}.values():
+        store.release()
     return out, None
 
 
@@ -397,55 +414,112 @@ def _example_attention(
     first_real = chunk_of[real][0] if real.any() else torch.tensor(start // size)
     chunk_of = torch.where(real, chunk_of, first_real)
     unrotated_q = rotate(query, -positions, inv_freq) if cfg.top_k < store.num_blocks else None
+    chunks = torch.unique(chunk_of).tolist()
+    chosen = _choose_blocks(memory, call, b, store, chunks, start, unrotated_q, true_q, real)
+    index = [store.block_rows(blocks.to(store.spec.device)) for blocks in chosen]
+    # chunks attend in groups, one batched call each: per-chunk calls cost a dozen small ops
+    # apiece, and each chunk repeats the segment's keys, so a group's keys stay within a budget
+    width = max(rows.numel() for rows in index) + key.shape[1]
+    group = max(1, KEY_BUDGET // width)
     out = torch.empty_like(query)
-    for j in torch.unique(chunk_of).tolist():
-        rows = (chunk_of == j).nonzero().squeeze(1)
-        blocks = _choose_blocks(memory, call, b, store, j, start, unrotated_q, true_q, real)
-        index = store.block_rows(blocks.to(store.spec.device))
-        k_mem, v_mem, p_mem = store.rows(index)
-        p_mem = p_mem.to(query.device)
-        if memory.max_positions is None or (j + 1) * size <= memory.max_positions:
-            target = p_mem - start  # true distances: exact full attention when all are chosen
-        else:  # past the trained context: packed right before the segment
-            target = torch.arange(-p_mem.numel(), 0, device=query.device)
-        k_mem = rotate(k_mem.to(query.device), target, inv_freq)
-        keys = torch.cat([k_mem.to(key.dtype), key], 1)
-        values = torch.cat([v_mem.to(value.device, value.dtype), value], 1)
-        mem_mask = real[rows, None].expand(-1, p_mem.numel())
-        mask = torch.cat([mem_mask, own_mask[rows]], 1)
-        out[:, rows] = _attend(query[:, rows], keys, values, mask, scaling, softcap)
+    for g in range(0, len(chunks), group):
+        at = slice(g, g + group)
+        rows = [(chunk_of == j).nonzero().squeeze(1) for j in chunks[at]]
+        beyond = [
+            memory.max_positions is not None and (j + 1) * size > memory.max_positions
+            for j in chunks[at]
+        ]
+        q_rows, q_ok = _padded(rows)
+        got = _chunk_attention(
+            memory, store, index[at], beyond, q_rows, q_ok, query, key, value, own_mask, real,
+            start, scaling, softcap,
+        )  # fmt: skip
+        out[:, q_rows[q_ok]] = got.transpose(0, 1)[:, q_ok]
     return out
 
 
-def _choose_blocks(memory, call, b, store, chunk, start, unrotated_q, true_q, real) -> Tensor:
-    """The ``top_k`` blocks for query chunk ``chunk``, sorted (all of them when they fit)."""
+KEY_BUDGET = 16384
+"""Keys (retrieved plus the segment's, per chunk) one batched attention call of a layer reads."""
+
+
+def _padded(rows: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Index lists of different lengths as one (n, longest) tensor (0-padded) and its mask."""
+    lengths = torch.tensor([r.numel() for r in rows], device=rows[0].device)
+    padded = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True)
+    ok = torch.arange(padded.shape[1], device=padded.device)[None, :] < lengths[:, None]
+    return padded, ok
+
+
+def _chunk_attention(
+    memory, store, index, beyond, q_rows, q_ok, query, key, value, own_mask, real, start,
+    scaling, softcap,
+) -> Tensor:  # fmt: skip
+    """Attention of several query chunks (rows ``q_rows``), each over its retrieved rows.
+
+    Returns (chunks, H, rows, D). Chunk ``c`` reads stored rows ``index[c]`` (rotated to their
+    true distance, or packed right before the segment when ``beyond[c]``) and the segment.
+    """
+    device = query.device
+    m_rows, m_ok = _padded(index)
+    chunks, width = m_rows.shape
+    k_mem, v_mem, p_mem = store.rows(m_rows.flatten())
+    p_mem = p_mem.to(device).view(chunks, width)
+    m_ok = m_ok.to(device)
+    packed = torch.arange(width, device=device)[None, :] - m_ok.sum(1, keepdim=True)
+    far = torch.tensor(beyond, device=device)[:, None]
+    # true distances (exact full attention when all blocks are chosen), or packed
+    target = torch.where(far, packed, p_mem - start)
+    k_mem = rotate(k_mem.to(device), target.flatten(), memory.inv_freq)
+    k_mem = k_mem.to(key.dtype).unflatten(1, (chunks, width)).transpose(0, 1)
+    v_mem = v_mem.to(device, value.dtype).unflatten(1, (chunks, width)).transpose(0, 1)
+    keys = torch.cat([k_mem, key[None].expand(chunks, -1, -1, -1)], 2)
+    values = torch.cat([v_mem, value[None].expand(chunks, -1, -1, -1)], 2)
+    q_real = real[q_rows] & q_ok
+    mem_mask = m_ok[:, None, :] & q_real[:, :, None]
+    own = own_mask[q_rows] & q_ok[:, :, None]
+    mask = torch.cat([mem_mask, own], 2)
+    return _attend(query[:, q_rows].transpose(0, 1), keys, values, mask, scaling, softcap)
+
+
+def _choose_blocks(
+    memory, call, b, store, chunks: list[int], start, unrotated_q, true_q, real
+) -> list[Tensor]:
+    """The ``top_k`` blocks for each query chunk in ``chunks``, sorted (all when they fit).
+
+    The stored blocks are the same for every chunk of a call (the store is the committed state
+    before the segment), so their representatives are built once and all chunks are scored in
+    one matmul: per chunk the work is then bounded, and the O(blocks) part is paid once per
+    layer call instead of once per chunk.
+    """
     cfg = memory.config
     count = store.num_blocks
     device = store.spec.device
     if cfg.top_k >= count:
-        return torch.arange(count, device=device)
+        return [torch.arange(count, device=device)] * len(chunks)
     if cfg.top_k == 0:
-        return torch.zeros(0, dtype=torch.long, device=device)
+        return [torch.zeros(0, dtype=torch.long, device=device)] * len(chunks)
     size = cfg.query_chunk
-    hi = max(start, chunk * size)
-    lo = max(start, hi - size + 1)
     queries, where = [unrotated_q], [torch.where(real, true_q, -1)]
     recent = call.state.recent[b]
     if recent is not None:
         queries.insert(0, recent[0].to(unrotated_q.device, unrotated_q.dtype))
         where.insert(0, recent[1].to(true_q.device))
     queries_all, where_all = torch.cat(queries, 1), torch.cat(where)
-    pick = (where_all >= lo) & (where_all <= hi)
-    if not pick.any():  # cannot happen for real queries; keep padding rows harmless
-        pick = where_all == where_all.max()
-    mean_q = queries_all[:, pick].float().mean(1)  # (Hq, D)
+    means = []
+    for chunk in chunks:
+        hi = max(start, chunk * size)
+        lo = max(start, hi - size + 1)
+        pick = (where_all >= lo) & (where_all <= hi)
+        if not pick.any():  # cannot happen for real queries; keep padding rows harmless
+            pick = where_all == where_all.max()
+        means.append(queries_all[:, pick].float().mean(1))  # (Hq, D)
     reprs, present = store.block_reprs()
     heads = reprs.shape[1]
-    grouped = mean_q.to(device).unflatten(0, (heads, -1))  # (Hkv, group, D)
-    scores = torch.einsum("hgd,nhrd->nhgr", grouped, reprs.float())
-    scores = scores.masked_fill(~present[:, None, None, :], float("-inf"))
-    best = scores.amax(-1).sum((1, 2))  # (nb,)
-    return torch.topk(best, cfg.top_k).indices.sort().values
+    grouped = torch.stack(means).to(device).unflatten(1, (heads, -1))  # (C, Hkv, group, D)
+    scores = torch.einsum("chgd,nhrd->cnhgr", grouped, reprs.float())
+    scores = scores.masked_fill(~present[None, :, None, None, :], float("-inf"))
+    best = scores.amax(-1).sum((2, 3))  # (C, nb)
+    return list(torch.topk(best, cfg.top_k).indices.sort().values.unbind(0))
 
 
 def _written(memory, call, key, value, query, positions, real) -> KVState:

@@ -19,10 +19,23 @@ and a :class:`LayerStore` is a *version*: a view of the first ``n`` rows of a st
 writes past ``n`` in place only when this version is the storage's newest (``n == tip``);
 appending to an older version (a snapshot taken by ``session.state()``, the committed state
 after a generation's scratch appended to it) copies first, so versions never clobber each other.
+
+**On disk** (``offload: disk``). Keys and values, the bulk of the store (the block means and
+positions stay in RAM: they are small and the means are read for every query chunk), live in a
+shared memory-mapped file that is unlinked as soon as it is mapped, so nothing is left on disk
+when the state is dropped or the process dies. Pages a call wrote or read stay mapped, and count
+in the resident set, until :meth:`LayerStore.release` unmaps them (``madvise(MADV_DONTNEED)``:
+for a shared file mapping this drops the process's page-table entries only, the data stays in
+the page cache, which the kernel writes back and evicts under memory pressure). So the process
+holds one layer's working set of the store at a time; the store itself costs page cache, not
+resident memory.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +53,7 @@ class StoreSpec:
     window: int | None  # a sliding-window layer keeps only its last ``window`` tokens
     dtype: torch.dtype
     device: torch.device
+    disk_dir: str | None = None  # keys/values memory-mapped in a file there (CPU); None: RAM
 
 
 class _Storage:
@@ -47,12 +61,29 @@ class _Storage:
 
     def __init__(self, heads: int, dim: int, cap: int, spec: StoreSpec, repr_cap: int) -> None:
         kw = {"dtype": spec.dtype, "device": spec.device}
-        self.keys = torch.empty(heads, cap, dim, **kw)
-        self.values = torch.empty(heads, cap, dim, **kw)
+        self.mapped: mmap.mmap | None = None
+        if spec.disk_dir is None:
+            self.keys = torch.empty(heads, cap, dim, **kw)
+            self.values = torch.empty(heads, cap, dim, **kw)
+        else:
+            self.mapped = _mapped_file(2 * heads * cap * dim * spec.dtype.itemsize, spec.disk_dir)
+            both = torch.frombuffer(self.mapped, dtype=spec.dtype).view(2, heads, cap, dim)
+            self.keys, self.values = both[0], both[1]
         self.positions = torch.empty(cap, dtype=torch.long, device=spec.device)
         self.reprs = torch.empty(repr_cap, heads, spec.repr_keys, dim, **kw)
         self.tip = 0  # rows written by the newest version
         self.repr_tip = 0
+
+
+def _mapped_file(nbytes: int, folder: str) -> mmap.mmap:
+    """A shared read/write mapping of a fresh sparse file of ``nbytes``, already unlinked."""
+    fd, path = tempfile.mkstemp(prefix="memllm-kv-", suffix=".bin", dir=folder or None)
+    try:
+        os.unlink(path)  # the mapping keeps the data; the name never outlives this call
+        os.ftruncate(fd, nbytes)
+        return mmap.mmap(fd, nbytes)
+    finally:
+        os.close(fd)
 
 
 class LayerStore:
@@ -128,6 +159,14 @@ class LayerStore:
         rows = rows[rows < self.n]
         init = torch.arange(self.n_init, device=blocks.device)
         return torch.cat([init, rows])
+
+    def release(self) -> None:
+        """Unmap the pages of an on-disk store that this process touched (no-op in RAM).
+
+        The data stays in the file (page cache); the next read maps the pages it needs again.
+        """
+        if self.storage is not None and self.storage.mapped is not None:
+            self.storage.mapped.madvise(mmap.MADV_DONTNEED)
 
     def nbytes_per_token(self) -> int:
         """Bytes each stored token costs (keys, values, position, its share of the means)."""

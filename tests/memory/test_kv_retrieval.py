@@ -193,12 +193,69 @@ def test_retrieval_picks_the_block_whose_keys_match_the_queries():
     call = SimpleNamespace(state=KVState([store]))
     queries = target.expand(2, 8, 4)  # two query heads sharing the one kv head
     true_q = torch.arange(42, 50)
-    chosen = _choose_blocks(
-        memory, call, 0, store, 42 // 8, 42, queries, true_q, torch.ones(8, dtype=torch.bool)
+    (chosen,) = _choose_blocks(
+        memory, call, 0, store, [42 // 8], 42, queries, true_q, torch.ones(8, dtype=torch.bool)
     )
     assert chosen.tolist() == [3]
     # the initial tokens are always read, then the chosen blocks' rows in stored order
     assert store.block_rows(chosen).tolist() == [0, 1, *range(26, 34)]
+
+
+def per_chunk_choice(memory, call, b, store, chunk, start, unrotated_q, true_q, real):
+    """The block choice as it was first written: one chunk at a time, every block's means
+    rebuilt per chunk (the reference the batched scoring must reproduce)."""
+    cfg = memory.config
+    count = store.num_blocks
+    if cfg.top_k >= count:
+        return torch.arange(count)
+    size = cfg.query_chunk
+    hi = max(start, chunk * size)
+    lo = max(start, hi - size + 1)
+    queries, where = [unrotated_q], [torch.where(real, true_q, -1)]
+    recent = call.state.recent[b]
+    if recent is not None:
+        queries.insert(0, recent[0].to(unrotated_q.dtype))
+        where.insert(0, recent[1])
+    queries_all, where_all = torch.cat(queries, 1), torch.cat(where)
+    pick = (where_all >= lo) & (where_all <= hi)
+    if not pick.any():
+        pick = where_all == where_all.max()
+    mean_q = queries_all[:, pick].float().mean(1)
+    reprs, present = store.block_reprs()
+    grouped = mean_q.unflatten(0, (reprs.shape[1], -1))
+    scores = torch.einsum("hgd,nhrd->nhgr", grouped, reprs.float())
+    scores = scores.masked_fill(~present[:, None, None, :], float("-inf"))
+    best = scores.amax(-1).sum((1, 2))
+    return torch.topk(best, cfg.top_k).indices.sort().values
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_batched_block_choice_equals_the_per_chunk_one(tiny, one_thread, top_k):
+    """Scoring all query chunks of a call at once chooses exactly the blocks that scoring each
+    chunk alone chooses: over padded segments, partial blocks and decoding."""
+    import memllm.memory.kv_retrieval as kv
+
+    model, _ = tiny("qwen2")
+    ids, mask = padded(2, 150, [0, 21], seed=13)
+    calls = []
+    original = kv._choose_blocks
+
+    def spy(memory, call, b, store, chunks, *rest):
+        got = original(memory, call, b, store, chunks, *rest)
+        want = [per_chunk_choice(memory, call, b, store, j, *rest) for j in chunks]
+        calls.append([(g.tolist(), w.tolist()) for g, w in zip(got, want, strict=True)])
+        return got
+
+    kv._choose_blocks = spy
+    try:
+        inject_memory(model, {**FEW, "top_k": top_k, "query_chunk": 4})
+        generate_ids(model, ids, mask, segment_length=24, max_new_tokens=6)
+    finally:
+        kv._choose_blocks = original
+        remove_memory(model)
+    pairs = [pair for call in calls for pair in call]
+    assert len(pairs) > 100 and any(len(got) < 8 for got, _ in pairs)  # some retrieval happened
+    assert all(got == want for got, want in pairs)
 
 
 def test_positions_beyond_the_trained_context(tiny, one_thread):
@@ -229,7 +286,7 @@ def test_positions_beyond_the_trained_context(tiny, one_thread):
     finally:
         kv._choose_blocks = original
     # the last segment (true positions 192..207) is one query chunk
-    (block,) = chosen[-1].tolist()
+    (block,) = chosen[-1][-1].tolist()
     window = torch.cat([ids[:, 16 * block : 16 * block + 16], ids[:, -16:]], 1)
     bare = bare_logits(model, window, torch.ones_like(window))[:, -16:]
     assert torch.allclose(got, bare, atol=1e-4)
@@ -257,6 +314,59 @@ def test_bounded_store_and_cpu_offload(tiny, one_thread):
                 assert store.full <= 3
                 assert store.n <= 4 + 4 * 8  # init + 3 complete blocks + a partial one
     remove_memory(model)
+
+
+def split_run(model, ids, mask, config, at=64):
+    """Logits of the part after ``at`` (16-token segments), then again from a snapshot at ``at``."""
+    inject_memory(model, config)
+    try:
+        with memory_session(model) as session, torch.no_grad():
+            forward_segments(model, ids[:, :at], mask[:, :at], segment_length=16, session=session)
+            snapshot = session.state()
+            rest = forward_segments(
+                model, ids[:, at:], mask[:, at:], segment_length=16, session=session
+            ).logits
+            stores = session.states[0].stores
+        with memory_session(model, snapshot) as session, torch.no_grad():
+            again = forward_segments(
+                model, ids[:, at:], mask[:, at:], segment_length=16, session=session
+            ).logits
+    finally:
+        remove_memory(model)
+    return rest, again, stores
+
+
+def test_disk_offload_equals_ram_and_leaves_no_file(tiny, one_thread, tmp_path):
+    """``offload: disk``: the same outputs, snapshots included; the files are never visible."""
+    model, _ = tiny("llama")
+    ids, mask = padded(2, 120, [0, 7], seed=10)
+    disk = {**FEW, "offload": "disk", "offload_dir": str(tmp_path)}
+    plain, _, _ = split_run(model, ids, mask, FEW)
+    rest, again, stores = split_run(model, ids, mask, disk)
+    assert all(store.storage.mapped is not None for store in stores)
+    assert [store.n for store in stores] == [120, 113]
+    assert list(tmp_path.iterdir()) == []  # unlinked as soon as mapped
+    assert torch.allclose(rest, plain, atol=1e-6)
+    assert torch.equal(again, rest)
+    with pytest.raises(ConfigError, match="offload_dir"):
+        segment_logits(
+            model, ids, mask, segment=16, config={**disk, "offload_dir": str(tmp_path / "nope")}
+        )
+
+
+def test_released_pages_keep_their_data(tmp_path):
+    """Unmapping an on-disk store's pages (what bounds the resident set) loses nothing."""
+    from memllm.memory.kv_store import LayerStore, StoreSpec
+
+    spec = StoreSpec(8, 2, 2, None, None, torch.float16, torch.device("cpu"), str(tmp_path))
+    keys = torch.randn(3, 4000, 16).half()
+    store = LayerStore(spec).append(keys, -keys, torch.arange(4000))
+    before = store.block_reprs()[0].clone()
+    store.release()
+    got_k, got_v, got_p = store.last_rows(4000)
+    assert torch.equal(got_k, keys) and torch.equal(got_v, -keys)
+    assert torch.equal(got_p, torch.arange(4000))
+    assert torch.equal(store.block_reprs()[0], before)
 
 
 def test_snapshot_survives_later_writes(tiny, one_thread):
@@ -300,7 +410,7 @@ def test_config_errors_name_the_key():
     with pytest.raises(ConfigError, match="repr_keys"):
         memllm.memory_config_from_dict({"type": "kv_retrieval", "block_size": 10, "repr_keys": 3})
     with pytest.raises(ConfigError, match="offload"):
-        memllm.memory_config_from_dict({"type": "kv_retrieval", "offload": "disk"})
+        memllm.memory_config_from_dict({"type": "kv_retrieval", "offload": "gpu"})
     with pytest.raises(ConfigError, match="top_k"):
         memllm.memory_config_from_dict({"type": "kv_retrieval", "top_k": -1})
 
