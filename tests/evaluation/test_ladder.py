@@ -58,6 +58,7 @@ def test_the_shipped_ladder_has_the_promised_rungs_and_arms():
     assert {"window", "finetuned", "episodic", "kv_retrieval", "neural_layer"} <= set(arms)
     assert set(control_pairs(arms)) == {
         "latent",
+        "latent_delta",
         "neural_context",
         "neural_layer",
         "episodic",
