@@ -54,11 +54,7 @@ log = logging.getLogger(__name__)
 def leader(scores: Mapping[str, float], among: Sequence[str]) -> str | None:
     """The candidate of ``among`` with the highest score among those scored (ties: the earlier
     name); None when none is scored."""
-    best = None
-    for name in among:
-        if name in scores and (best is None or scores[name] > scores[best]):
-            best = name
-    return best
+    return max((name for name in among if name in scores), key=scores.__getitem__, default=None)
 
 
 def choose(scores: Mapping[str, float], among: Sequence[str]) -> str | None:

@@ -384,8 +384,8 @@ class Trainer:
         for plugin, loss in zip(self.plugins, extra, strict=True):
             objective = objective + plugin.weight * loss / share
         # DDP averages the gradients over processes; the objective is this process's share of
-        # the global sum, so it is scaled up by the process count (1 process: left as it is)
-        acc.backward(objective * self.world if self.world > 1 else objective)
+        # the global sum, so it is scaled up by the process count (× 1 with one process)
+        acc.backward(objective * self.world)
         return out, diag, extra
 
     def _diverged(self, what: str, *, updated: bool = False) -> None:
