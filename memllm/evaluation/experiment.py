@@ -37,6 +37,7 @@ from memllm.evaluation.experiment_config import (
     load_experiment_config,
 )
 from memllm.evaluation.groups import first_per_group
+from memllm.training.feature_cache import SharedFeatures
 from memllm.training.run_config import with_file
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,9 @@ class Experiment:
         self.notes: list[str] = []
         self.selection: dict[str, Any] | None = None  # results["selection"] (select in config)
         self.prepared: dict[str, PreparedArm] = {}  # candidates validated, kept for their test
+        # what the frozen backbone hands to a memory's layer, recorded once for all the arms
+        # that train at that place (train.feature_cache)
+        self.features = SharedFeatures()
         self._backbone = None
         self._tokenizer = None  # of the last arm run: the task's breakdown reads prompts with it
         self._breakdown: Breakdown | bool | None = None  # the task's; False: it has none
@@ -352,7 +356,9 @@ class Experiment:
             from memllm.training.trainer import train
 
             cfg = self.run_configs[name]
-            result = train(cfg, source=self.source, task=self.train_task)
+            result = train(
+                cfg, source=self.source, task=self.train_task, shared_features=self.features
+            )
             model, tokenizer = result.model, result.tokenizer
             # the heads of the trainer's plug-ins, by plug-in name (the SP head: "sp")
             heads = {k: getattr(p, "head", p) for k, p in result.plugins.items()}

@@ -24,6 +24,11 @@ of a story has token-identical earlier segments) share those entries, so one rec
 serves every question of a context — already in the first epoch. A batch in which some row's
 segment is new runs that segment through the real model (recording what is missing); a batch
 whose rows are all known replays from the cache.
+
+A :class:`SharedFeatures` lets several runs in one process share what was recorded: the arms
+of an experiment that train memories at the same place on the same frozen backbone (the latent
+and episodic memories after the last layer, and their no-carry controls) record each segment
+once between them.
 """
 
 from __future__ import annotations
@@ -142,7 +147,7 @@ class FeatureCache:
             then runs on whole segments, the LM head still only where there are targets.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, features: dict[str, Tensor] | None = None) -> None:
         reason = unsupported_reason(model)
         if reason:
             raise ValueError(f"feature cache unavailable: {reason}")
@@ -157,7 +162,8 @@ class FeatureCache:
             self.norm = final_norm(model)
             self.head = model.get_output_embeddings()
             self.softcap = getattr(text_config(model), "final_logit_softcapping", None)
-        self.features: dict[str, Tensor] = {}
+        # the table may be shared (SharedFeatures): it is only ever added to
+        self.features: dict[str, Tensor] = {} if features is None else features
         self.hits = self.misses = 0
         self.full_hidden = False
 
@@ -338,6 +344,26 @@ class FeatureCache:
             session=session,
             bptt_segments=bptt_segments,
             keep_logits=keep_logits,
+        )
+
+
+class SharedFeatures:
+    """Recorded features shared by the runs of one process, one table per backbone and cache
+    place: what a frozen backbone hands to layer ``L`` depends on the backbone (its settings and,
+    for random test models, the seed), the precision and ``(mode, L)`` — not on the memory that
+    trains there, its LoRA above that place, or its carry setting (keys are segment contents)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[tuple, dict[str, Tensor]] = {}
+
+    def table(self, backbone: tuple, model: nn.Module) -> dict[str, Tensor]:
+        """The table for ``model``'s cache place on the backbone described by ``backbone``."""
+        return self.tables.setdefault((*backbone, *cache_mode(model)), {})
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for table in self.tables.values() for t in table.values()
         )
 
 

@@ -42,7 +42,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -85,6 +85,9 @@ from memllm.training.progress import RunState, time_is_up, window_record
 from memllm.training.run_config import RunConfig, with_file
 from memllm.training.schedule import lr_factor
 
+if TYPE_CHECKING:
+    from memllm.training.feature_cache import SharedFeatures
+
 log = logging.getLogger(__name__)
 
 
@@ -107,6 +110,8 @@ class Trainer:
         task: a task object to use instead of building ``cfg.data``.
         plugins: the auxiliary objectives to train with the memory; None: those ``cfg`` asks
             for (:func:`memllm.training.plugins.build_plugins`).
+        shared_features: recorded features to share with other runs of this process
+            (``train.feature_cache``; an experiment's arms).
     """
 
     def __init__(
@@ -117,6 +122,7 @@ class Trainer:
         resume: bool = False,
         task=None,
         plugins: list[TrainerPlugin] | None = None,
+        shared_features: SharedFeatures | None = None,
     ) -> None:
         from accelerate import Accelerator
         from accelerate.utils import set_seed
@@ -169,7 +175,7 @@ class Trainer:
             optimizer,
             lambda s: lr_factor(s, t.scheduler, t.warmup_steps, self.total_steps),
         )
-        self.cache = self._feature_cache()
+        self.cache = self._feature_cache(shared_features)
         self.state = RunState()
         self.window: list[dict[str, float]] = []  # step stats since the last log record
         self.setting_changes: list[dict[str, Any]] = []  # allowed on resumes after a NaN stop
@@ -251,14 +257,19 @@ class Trainer:
         )
         self._info("curriculum: stage %d from step %d (%s)", self.state.stage, self.state.step, why)
 
-    def _feature_cache(self):
+    def _feature_cache(self, shared: SharedFeatures | None):
         if not self.cfg.train.feature_cache:
             return None
         from memllm.training.feature_cache import FeatureCache, unsupported_reason
 
         if reason := unsupported_reason(self.model):
             raise with_file(ConfigError(f"train.feature_cache: {reason}"), self.source)
-        cache = FeatureCache(self.model)
+        table = None
+        if shared is not None:
+            cfg = self.cfg
+            backbone = (repr(_plain(cfg)["model"]), cfg.train.mixed_precision, cfg.seed)
+            table = shared.table(backbone, self.model)
+        cache = FeatureCache(self.model, table)
         cache.full_hidden = any(p.reads_all_positions for p in self.plugins)
         return cache
 
@@ -715,6 +726,7 @@ def train(
     resume: bool = False,
     task=None,
     plugins: list[TrainerPlugin] | None = None,
+    shared_features: SharedFeatures | None = None,
 ) -> TrainResult:
     """Train ``cfg``'s memory; resumes from ``cfg.output_dir``'s latest checkpoint if any.
 
@@ -724,8 +736,17 @@ def train(
         resume: require a checkpoint to resume from (otherwise resuming is automatic).
         task: a task object to use instead of building ``cfg.data`` (tests, notebooks).
         plugins: auxiliary objectives to train instead of those ``cfg`` asks for.
+        shared_features: recorded features shared with other runs of this process.
     """
-    return Trainer(cfg, source=source, resume=resume, task=task, plugins=plugins).run()
+    trainer = Trainer(
+        cfg,
+        source=source,
+        resume=resume,
+        task=task,
+        plugins=plugins,
+        shared_features=shared_features,
+    )
+    return trainer.run()
 
 
 __all__ = ["TrainResult", "Trainer", "TrainingDiverged", "train"]

@@ -220,6 +220,34 @@ def test_no_carry_control_trains_and_answers_on_the_last_segment(tmp_path):
     assert arm_run_config(cfg, "latent", cfg.arms["latent"]).train.max_length is None
 
 
+def test_arms_at_one_place_record_the_backbone_once(tmp_path):
+    """With train.feature_cache the arms that train at the same place share what was recorded:
+    after the latent arm, the episodic arm and the no-carry control (its segments are the last
+    ones of the same inputs) replay everything."""
+    latent = CONFIG["arms"]["latent"]
+    episodic = {"kind": "memory", "memory": {"type": "episodic", "num_heads": 2, "key_dim": 16}}
+    config = {
+        **CONFIG,
+        "train": {**CONFIG["train"], "max_steps": 4, "feature_cache": True},  # 2 epochs: logged
+        "eval": {**CONFIG["eval"], "max_examples": 2},
+        "arms": {
+            "latent": latent,
+            "latent_no_carry": {**latent, "carry": False},
+            "episodic": episodic,
+        },
+        "compare_with": ["latent_no_carry"],
+    }
+    _run(tmp_path, config)
+
+    def cache_log(arm: str) -> list[dict]:
+        lines = (tmp_path / "out" / "arms" / arm / "log.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == "feature_cache"]
+
+    assert cache_log("latent")[-1]["misses"] > 0
+    for arm in ("latent_no_carry", "episodic"):
+        assert cache_log(arm) and all(r["misses"] == 0 for r in cache_log(arm)), arm
+
+
 @pytest.mark.parametrize(
     ("change", "key"),
     [

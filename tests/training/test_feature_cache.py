@@ -16,7 +16,12 @@ from memllm.core.segments import forward_segments
 from memllm.data.base import Example
 from memllm.errors import ConfigError
 from memllm.training.data import collate, encode_examples
-from memllm.training.feature_cache import FeatureCache, cache_mode, unsupported_reason
+from memllm.training.feature_cache import (
+    FeatureCache,
+    SharedFeatures,
+    cache_mode,
+    unsupported_reason,
+)
 from memllm.training.trainer import train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -197,6 +202,44 @@ def test_training_with_the_cache_matches_training_without(tmp_path):
     b = load_file(cached.output_dir / "final" / "memory.safetensors")
     for key in a:
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+
+
+def _cache_log(run) -> list[dict]:
+    lines = (run.output_dir / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "feature_cache"]
+
+
+def test_runs_sharing_features_record_each_segment_once(tmp_path):
+    """Two memories at the same place on the same backbone (an experiment's latent and episodic
+    arms) share one recorded table: the second records nothing and trains to the same weights
+    as with a cache of its own; another seed's random backbone gets a table of its own."""
+    from memllm.memory import memory_config_from_dict
+
+    task = ToyTask(n_train=8)
+    train_cfg = {"max_steps": 4, "save_every": 0, "feature_cache": True}
+    episodic = memory_config_from_dict({"type": "episodic", "num_heads": 2, "key_dim": 16})
+    shared = SharedFeatures()
+    train(toy_config(tmp_path / "latent", train=train_cfg), task=task, shared_features=shared)
+    recorded = shared.nbytes
+    assert len(shared.tables) == 1 and recorded > 0
+    second = train(
+        toy_config(tmp_path / "episodic", memory=episodic, train=train_cfg),
+        task=task,
+        shared_features=shared,
+    )
+    assert all(r["misses"] == 0 for r in _cache_log(second)) and shared.nbytes == recorded
+    alone = train(toy_config(tmp_path / "alone", memory=episodic, train=train_cfg), task=task)
+    assert _cache_log(alone)[0]["misses"] > 0
+    a = load_file(alone.output_dir / "final" / "memory.safetensors")
+    b = load_file(second.output_dir / "final" / "memory.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    train(
+        toy_config(tmp_path / "other_seed", train=train_cfg, seed=1),
+        task=task,
+        shared_features=shared,
+    )
+    assert len(shared.tables) == 2
 
 
 def test_neural_memory_trains_through_the_cache(tmp_path):
