@@ -1,4 +1,5 @@
-"""Does the memory carry? Each memory arm against its own no-carry control.
+"""Does the memory carry? Each memory arm against its own no-carry control, and against the
+strongest no-carry control of the experiment.
 
 Beating ``window`` proves little: a trained read-out also learns the answer's format and the
 window's own facts. What only a memory can do is bring facts from earlier segments to the
@@ -10,14 +11,27 @@ breakdown).
 Pairing (automatic, by name): the control of arm ``X`` is the arm ``X_no_carry`` (a memory arm
 with ``carry: false``). A memory arm that trains nothing (``untrained: true``, e.g. the
 training-free ``kv_retrieval``) has ``window`` as its control: with nothing carried it reads what
-``window`` reads. :func:`carry_checks` stores the table in ``results["carry"]``; the report
-shows it first (:mod:`memllm.evaluation.markdown`) and the ladder marks ✔ where an arm beats its
-control with p < :data:`CARRY_ALPHA`.
+``window`` reads.
+
+The strongest control. An arm's own control can be degenerate: the episodic memory reads nothing
+when nothing is stored, so ``episodic_no_carry`` is ``window`` and cannot even learn the answer's
+format, while another memory's control (``latent_no_carry``, a read-out trained on the question
+segment) does, and scores above chance without a single fact. No control can carry a fact, so
+the best of them is the format-only bar: each row also names the **strongest no-carry control**
+of the experiment (:func:`control_arms`: the ``carry: false`` memory arms and ``window``), the
+one with the highest mean on the same subset and metric (ties: the arm's own control, then name
+order), and tests the arm against it too when it is not the own control. Choosing the strongest
+control on the test questions can only make that test harder to pass.
+
+:func:`carry_checks` stores the table in ``results["carry"]``; the report shows it first
+(:mod:`memllm.evaluation.markdown`) and the ladder (:mod:`memllm.evaluation.ladder`) marks ✔
+where an arm beats its own control with p < :data:`CARRY_ALPHA`, ✔✔ where it also beats the
+strongest control.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -46,6 +60,34 @@ def control_pairs(arms: Mapping[str, Any]) -> dict[str, str]:
     return pairs
 
 
+def control_arms(arms: Mapping[str, Any]) -> list[str]:
+    """The arms of ``arms`` (as for :func:`control_pairs`) that cannot carry a fact from an
+    earlier segment: the ``carry: false`` memory arms and the ``window`` arms, in order."""
+    return [
+        name
+        for name, arm in arms.items()
+        if arm.kind == "window" or (arm.kind == "memory" and not arm.carry)
+    ]
+
+
+def _default_controls(arms: Iterable[str], pairs: Mapping[str, str]) -> list[str]:
+    """Controls by name, for callers without the arm settings: the controls of ``pairs``, every
+    arm named ``*_no_carry`` and ``window``."""
+    named = set(pairs.values())
+    return [a for a in arms if a in named or a.endswith(CONTROL_SUFFIX) or a == "window"]
+
+
+def _strongest(own: str, means: Mapping[str, float]) -> str:
+    """The control with the highest mean (``means``: control → mean, NaN = unknown, ranked
+    last); ties go to ``own``, then to the first name in alphabetical order."""
+
+    def rank(name: str):
+        mean = means[name]
+        return (-mean if np.isfinite(mean) else np.inf, name != own, name)
+
+    return min(means, key=rank)
+
+
 def carry_checks(
     results: dict[str, Any],
     pairs: Mapping[str, str],
@@ -54,16 +96,29 @@ def carry_checks(
     *,
     subset: str = SUBSET,
     seed: int = 0,
+    controls: Iterable[str] | None = None,
 ) -> dict[str, Any]:
-    """Each arm of ``pairs`` against its control on the ``subset`` of the examples (``labels``:
-    example id → subset name, the task's breakdown; None = every example), for each of
-    ``metrics`` both arms report. Sets and returns ``results["carry"]``::
+    """Each arm of ``pairs`` against its control, and against the strongest no-carry control,
+    on the ``subset`` of the examples (``labels``: example id → subset name, the task's
+    breakdown; None = every example), for each of ``metrics`` both arms report.
+
+    ``controls``: the arms that cannot carry a fact (:func:`control_arms` of the experiment's
+    arm settings); None = by name (the controls of ``pairs``, ``*_no_carry`` and ``window``).
+    Sets and returns ``results["carry"]``::
 
         {"subset": "facts earlier" | "all", "alpha": 0.01,
          "rows": [{"arm", "control", "metric", "n", "arm_summary", "control_summary",
-                   "test": paired_test(arm − control) | None, "carries": bool}]}
+                   "test": paired_test(arm − control) | None, "carries": bool,
+                   "strongest_control", "strongest_summary",
+                   "strongest_test": paired_test(arm − strongest) | None,
+                   "carries_over_strongest": bool}]}
+
+    ``strongest_test`` is None when the strongest control is the arm's own (``test`` is that
+    test already; ``carries_over_strongest`` is then ``carries``). Results written before the
+    strongest control existed lack the four ``strongest_*``/``carries_over_strongest`` keys.
     """
     arms = results["arms"]
+    candidates = _default_controls(arms, pairs) if controls is None else list(controls)
     rows = []
     for name, control in pairs.items():
         if name not in arms or control not in arms:
@@ -73,25 +128,55 @@ def carry_checks(
             mask = np.ones(len(arm["example_ids"]), dtype=bool)
         else:
             mask = np.asarray([labels.get(str(i)) == subset for i in arm["example_ids"]])
+        # every control's values, aligned with the arm's examples: metric → control → values
+        aligned: dict[str, dict[str, tuple[np.ndarray, str]]] = {}
+        for c in dict.fromkeys([control, *candidates]):
+            if c == name or c not in arms:
+                continue
+            for metric, _, b, kind in _paired_values(arm, arms[c]):
+                aligned.setdefault(metric, {})[c] = (b[mask], kind)
         for metric, a, b, kind in _paired_values(arm, arms[control]):
             if metric not in metrics:
                 continue
             a, b = a[mask], b[mask]
             test = paired_test(a, b, kind, seed=seed, alpha=CARRY_ALPHA) if mask.any() else None
-            rows.append(
-                {
-                    "arm": name,
-                    "control": control,
-                    "metric": metric,
-                    "n": int(mask.sum()),
-                    "arm_summary": summarize(a, _summary_kind(arm, metric), seed=seed),
-                    "control_summary": summarize(
-                        b, _summary_kind(arms[control], metric), seed=seed
+            carries = bool(test and test["diff"] > 0 and test["p_value"] < CARRY_ALPHA)
+            row = {
+                "arm": name,
+                "control": control,
+                "metric": metric,
+                "n": int(mask.sum()),
+                "arm_summary": summarize(a, _summary_kind(arm, metric), seed=seed),
+                "control_summary": summarize(b, _summary_kind(arms[control], metric), seed=seed),
+                "test": test,
+                "carries": carries,
+            }
+            means = {
+                c: float(np.mean(v)) if v.size else float("nan")
+                for c, (v, _) in aligned[metric].items()
+            }
+            strongest = _strongest(control, means)
+            if strongest == control:
+                row.update(
+                    strongest_control=control,
+                    strongest_summary=row["control_summary"],
+                    strongest_test=None,
+                    carries_over_strongest=carries,
+                )
+            else:
+                s, s_kind = aligned[metric][strongest]
+                s_test = paired_test(a, s, s_kind, seed=seed, alpha=CARRY_ALPHA)
+                row.update(
+                    strongest_control=strongest,
+                    strongest_summary=summarize(
+                        s, _summary_kind(arms[strongest], metric), seed=seed
                     ),
-                    "test": test,
-                    "carries": bool(test and test["diff"] > 0 and test["p_value"] < CARRY_ALPHA),
-                }
-            )
+                    strongest_test=s_test,
+                    carries_over_strongest=bool(
+                        s_test["diff"] > 0 and s_test["p_value"] < CARRY_ALPHA
+                    ),
+                )
+            rows.append(row)
     rows.sort(key=lambda r: list(metrics).index(r["metric"]))
     results["carry"] = {
         "subset": "all" if labels is None else subset,

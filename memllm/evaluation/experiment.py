@@ -245,7 +245,13 @@ class Experiment:
         if chance is not None:
             out["experiment"]["chance"] = chance
         labels = self._breakdown.labels if self._breakdown else None
-        carry.carry_checks(out, carry.control_pairs(self.cfg.arms), labels, seed=self.cfg.seed)
+        carry.carry_checks(
+            out,
+            carry.control_pairs(self.cfg.arms),
+            labels,
+            seed=self.cfg.seed,
+            controls=carry.control_arms(self.cfg.arms),
+        )
         self.paths = report.write_results(self.out, out, plots=plots)
         return out
 

@@ -26,7 +26,8 @@ Every arm is scored on the same test examples with the task's official metric; r
 lists (see :mod:`memllm.evaluation.results`). Each memory arm is also paired with its own
 no-carry control on the questions whose facts lie before the last segment, shown first in the
 report: the control of arm ``X`` is the arm named ``X_no_carry`` (``carry: false``); an
-untrained (training-free) memory arm's is ``window`` (:mod:`memllm.evaluation.carry`).
+untrained (training-free) memory arm's is ``window``; and with the strongest no-carry control
+of the experiment, the format-only bar (:mod:`memllm.evaluation.carry`).
 
 Choosing on validation: ``select`` names candidate memory arms (``among``); each is trained and
 scored on the task's validation split (``subset``: the questions the choice is made on), the

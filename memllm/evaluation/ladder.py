@@ -8,11 +8,20 @@ way). Each rung runs as an ordinary :class:`~memllm.evaluation.experiment.Experi
 first), and :func:`run_ladder` collects them into::
 
     output_dir/ladder.json   every (arm, rung) cell: subset accuracy [95 % CI], n, chance,
-                             the arm's control and the paired test against it
+                             the arm's control and the paired test against it, and the
+                             strongest no-carry control of the rung and the test against it
     output_dir/ladder.md     rows = arms, columns = rungs, cells = accuracy on ``subset`` with
-                             its 95 % interval, ✔ where the arm beats its no-carry control with
-                             p < 0.01 (:data:`memllm.evaluation.carry.CARRY_ALPHA`)
+                             its 95 % interval, ✔ where the arm beats its own no-carry control
+                             with p < 0.01 (:data:`memllm.evaluation.carry.CARRY_ALPHA`), ✔✔
+                             where it also beats the strongest no-carry control of the rung
     output_dir/ladder.png    the same table as a heat-map
+
+Why two marks: an arm's own control can be degenerate (``episodic_no_carry`` reads nothing, so
+it is ``window`` and cannot learn the answer's format), while another memory's control learns
+the format and scores above chance without any fact. ✔✔ says the arm beats the best any
+no-carry control does on those questions, the format-only bar (:mod:`memllm.evaluation.carry`);
+a lone ✔ says it beats only its own, weaker, control. Cells from results written before the
+strongest control existed have no ``carries_over_strongest`` and show ✔ alone.
 
 ``subset`` (default ``facts earlier``) is the task breakdown's subset the cells show: the
 questions only a memory can answer; ``all`` shows every question (the backbone's ceiling, where
@@ -171,6 +180,12 @@ def summarize(rung_results: Mapping[str, Mapping[str, Any]], settings: Mapping[s
                     "vs_control": row["test"] if row else None,
                     "carries": bool(row and row["carries"]),
                 }
+                if row and "carries_over_strongest" in row:  # absent in older results
+                    cell[metric].update(
+                        strongest_control=row["strongest_control"],
+                        vs_strongest=row["strongest_test"],
+                        carries_over_strongest=bool(row["carries_over_strongest"]),
+                    )
             cells.setdefault(a, {})[r] = cell
     return to_jsonable(
         {
@@ -189,12 +204,29 @@ def _pct(x) -> str:
     return "–" if is_missing(x) else f"{100 * x:.1f}"
 
 
+def _mark(cell: Mapping[str, Any]) -> str:
+    """✔✔: beats its own and the strongest no-carry control; ✔: its own only; else none.
+    A cell without ``carries_over_strongest`` (an older ladder) shows ✔ at most."""
+    if not cell.get("carries"):
+        return ""
+    return "✔✔" if cell.get("carries_over_strongest") else "✔"
+
+
+def _test_text(t: Mapping[str, Any] | None) -> tuple[str, str]:
+    """``(Δ [95 % CI] in points, p)`` of a paired test; dashes without one."""
+    if not t:
+        return "–", "–"
+    low, high = t["ci95"]
+    p = "<0.001" if t["p_value"] < 0.001 else f"{t['p_value']:.3f}"
+    return f"{100 * t['diff']:+.1f} [{_pct(low)}, {_pct(high)}]", p
+
+
 def _cell_text(cell: Mapping[str, Any] | None) -> str:
     if not cell or is_missing(cell.get("value")):
         return "–"
     low, high = cell["ci95"]
-    mark = " ✔" if cell.get("carries") else ""
-    return f"{_pct(cell['value'])} [{_pct(low)}, {_pct(high)}]{mark}"
+    mark = _mark(cell)
+    return f"{_pct(cell['value'])} [{_pct(low)}, {_pct(high)}]" + (f" {mark}" if mark else "")
 
 
 def render_ladder(ladder: Mapping[str, Any]) -> str:
@@ -214,8 +246,12 @@ def render_ladder(ladder: Mapping[str, Any]) -> str:
         f"Each cell: accuracy (%) on {where}, with its 95 % Wilson interval; ✔ where the arm "
         f"beats its own no-carry control on the same questions with an exact McNemar p < "
         f"{ladder['alpha']} (the control of arm `X` is `X_no_carry`; `window` for a memory "
-        f"that trains nothing). Rows are arms, columns are rungs (one experiment each, its "
-        f"report in `<rung>/results.md`).",
+        f"that trains nothing); ✔✔ where it also beats the rung's strongest no-carry control "
+        f"(the `carry: false` arm or `window` highest on those questions). An own control that "
+        f"cannot learn the answer's format (`episodic_no_carry` reads nothing, like `window`) "
+        f"is a weak bar; no control can carry a fact, so the strongest one is the format-only "
+        f"bar. Rows are arms, columns are rungs (one experiment each, its report in "
+        f"`<rung>/results.md`).",
         "",
     ]
     for metric in METRICS:
@@ -233,12 +269,14 @@ def render_ladder(ladder: Mapping[str, Any]) -> str:
     for r in rungs:
         for a in arms:
             for metric, cell in ladder["cells"].get(a, {}).get(r, {}).items():
-                t = cell.get("vs_control")
-                diff = "–"
-                if t:
-                    low, high = t["ci95"]
-                    diff = f"{100 * t['diff']:+.1f} [{_pct(low)}, {_pct(high)}]"
-                p = "–" if not t else ("<0.001" if t["p_value"] < 0.001 else f"{t['p_value']:.3f}")
+                diff, p = _test_text(cell.get("vs_control"))
+                strongest = cell.get("strongest_control")
+                if strongest is None:
+                    vs_strongest = "–"
+                elif strongest == cell.get("control"):
+                    vs_strongest = "its own control"
+                else:
+                    vs_strongest = "{}, p {}".format(*_test_text(cell.get("vs_strongest")))
                 rows.append(
                     [
                         r,
@@ -250,15 +288,19 @@ def render_ladder(ladder: Mapping[str, Any]) -> str:
                         cell.get("control") or "–",
                         diff,
                         p,
+                        strongest or "–",
+                        vs_strongest,
                     ]
                 )
-    headers = ["rung", "arm", "metric", "subset", "n", "value (%)", "control", "Δ vs control", "p"]
-    out += [_md_table(headers, rows, align="llllrrlrr"), ""]
+    headers = ["rung", "arm", "metric", "subset", "n", "value (%)", "control", "Δ vs control"]
+    headers += ["p", "strongest no-carry control", "Δ vs it, p"]
+    out += [_md_table(headers, rows, align="llllrrlrrlr"), ""]
     return "\n".join(out)
 
 
 def plot_ladder(ladder: Mapping[str, Any], path: Path, metric: str = "accuracy") -> Path | None:
-    """The ladder's ``metric`` table as a heat-map (0–100 %, ✔ marked); None without data."""
+    """The ladder's ``metric`` table as a heat-map (0–100 %, ✔ and ✔✔ marked); None without
+    data."""
     from matplotlib import colormaps
     from matplotlib.colors import Normalize
 
@@ -266,13 +308,13 @@ def plot_ladder(ladder: Mapping[str, Any], path: Path, metric: str = "accuracy")
 
     rungs, arms = ladder["rungs"], ladder["arms"]
     grid = np.full((len(arms), len(rungs)), np.nan)
-    marks = np.zeros_like(grid, dtype=bool)
+    marks = np.full(grid.shape, "", dtype=object)
     for i, a in enumerate(arms):
         for j, r in enumerate(rungs):
             cell = ladder["cells"].get(a, {}).get(r, {}).get(metric)
             if cell and not is_missing(cell.get("value")):
                 grid[i, j] = 100 * cell["value"]
-                marks[i, j] = bool(cell.get("carries"))
+                marks[i, j] = _mark(cell)
     if not np.isfinite(grid).any():
         return None
     cmap = colormaps["RdYlGn"].with_extremes(bad="#dddddd")
@@ -281,13 +323,18 @@ def plot_ladder(ladder: Mapping[str, Any], path: Path, metric: str = "accuracy")
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, norm=norm, aspect="auto")
     for (i, j), v in np.ndenumerate(grid):
-        text = "–" if not math.isfinite(v) else f"{v:.0f}" + (" ✔" if marks[i, j] else "")
+        text = (
+            "–" if not math.isfinite(v) else f"{v:.0f}" + (f" {marks[i, j]}" if marks[i, j] else "")
+        )
         ax.text(j, i, text, ha="center", va="center", fontsize=8)
     ax.set_xticks(range(len(rungs)), rungs, rotation=30, ha="right")
     ax.set_yticks(range(len(arms)), arms)
     ax.tick_params(length=0)
     fig.colorbar(image, ax=ax, shrink=0.85, label=f"{metric} (%)")
-    fig.suptitle(f"{metric}, {ladder['subset']} (✔ beats its no-carry control, p < 0.01)")
+    fig.suptitle(
+        f"{metric}, {ladder['subset']} (✔ beats its no-carry control, ✔✔ also the strongest "
+        f"one, p < {ladder['alpha']})"
+    )
     _save(fig, path)
     return path
 

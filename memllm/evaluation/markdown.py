@@ -307,11 +307,30 @@ def render_markdown(
     return "\n".join(out)
 
 
+def _strongest_cells(r: Mapping[str, Any]) -> list[str]:
+    """The "strongest no-carry control" and "Δ vs it, p" cells of a carry row."""
+    if "strongest_control" not in r:  # results written before the strongest control
+        return ["–", "–"]
+    name, t = r["strongest_control"], r.get("strongest_test")
+    mark = "✔" if r.get("carries_over_strongest") else "✗"
+    if name == r["control"] or not t:
+        return [f"{name} (its own)", f"as its own {mark}"]
+    delta = _fmt_delta_cell(t, True).rsplit(" ", 1)[0]
+    return [
+        f"{name} {_fmt_summary(r.get('strongest_summary'), True)}",
+        f"{delta}, p {_fmt_p(t['p_value'])} {mark}",
+    ]
+
+
 def carry_section(results: Mapping[str, Any]) -> list[str]:
     """The "Does the memory carry?" table (``results["carry"]``,
-    :mod:`memllm.evaluation.carry`) as report lines; none when no arm has a control."""
+    :mod:`memllm.evaluation.carry`) as report lines; none when no arm has a control.
+
+    Results written before the strongest no-carry control existed render without its columns.
+    """
     info = results.get("carry") or {}
     chosen = (results.get("selection") or {}).get("chosen")
+    strongest = any("strongest_control" in r for r in info.get("rows", []))
     rows = []
     for r in info.get("rows", []):
         t = r.get("test")
@@ -326,6 +345,7 @@ def carry_section(results: Mapping[str, Any]) -> list[str]:
                 _fmt_delta_cell(t, True).rsplit(" ", 1)[0] if t else "–",
                 _fmt_p(t["p_value"]) if t else "–",
                 "✔" if r["carries"] else "✗",
+                *(_strongest_cells(r) if strongest else []),
             ]
         )
     if not rows:
@@ -350,6 +370,19 @@ def carry_section(results: Mapping[str, Any]) -> list[str]:
         "p",
         "carries",
     ]
+    align = "lllrrrrrc"
+    strongest_text = ""
+    if strongest:
+        headers += ["strongest no-carry control", "Δ vs it, p"]
+        align += "lr"
+        strongest_text = (
+            " An own control that cannot learn the answer's format (the episodic memory reads "
+            "nothing when nothing is stored, so its control is `window`) is a weak bar; no "
+            "control can carry a fact, so the strongest no-carry control in the experiment "
+            "(highest on the same questions; `window` or any `carry: false` arm) is the "
+            "format-only bar: the last two columns test each arm against it, ✔ when it beats "
+            f"it too with p < {alpha}."
+        )
     return [
         "## Does the memory carry?",
         "",
@@ -358,9 +391,10 @@ def carry_section(results: Mapping[str, Any]) -> list[str]:
         f"{where}: accuracy [95 % Wilson interval], the paired difference in points with its "
         f"bootstrap interval, and the exact McNemar p. ✔: the arm beats its control with "
         f"p < {alpha}; only then did the memory carry something from earlier segments."
+        + strongest_text
         + chance_text,
         "",
-        _md_table(headers, rows, align="lllrrrrrc"),
+        _md_table(headers, rows, align=align),
         "",
     ]
 

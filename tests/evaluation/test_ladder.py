@@ -100,6 +100,9 @@ def test_ladder_runs_end_to_end_and_window_is_at_chance(tmp_path, capsys):
         ("latent", "latent_no_carry", "accuracy"),
         ("latent", "latent_no_carry", "closed_set_accuracy"),
     }
+    # the experiment passes its controls: the strongest is window or latent_no_carry
+    assert {r["strongest_control"] for r in rows} <= {"window", "latent_no_carry"}
+    assert all("carries_over_strongest" in r for r in rows)
     assert "report:" in capsys.readouterr().out
 
 
