@@ -31,7 +31,7 @@ strongest control.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,13 +70,6 @@ def control_arms(arms: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _default_controls(arms: Iterable[str], pairs: Mapping[str, str]) -> list[str]:
-    """Controls by name, for callers without the arm settings: the controls of ``pairs``, every
-    arm named ``*_no_carry`` and ``window``."""
-    named = set(pairs.values())
-    return [a for a in arms if a in named or a.endswith(CONTROL_SUFFIX) or a == "window"]
-
-
 def _strongest(own: str, means: Mapping[str, float]) -> str:
     """The control with the highest mean (``means``: control → mean, NaN = unknown, ranked
     last); ties go to ``own``, then to the first name in alphabetical order."""
@@ -88,23 +81,27 @@ def _strongest(own: str, means: Mapping[str, float]) -> str:
     return min(means, key=rank)
 
 
+def _beats(test: Mapping[str, Any] | None) -> bool:
+    """Whether a paired test (arm − control) says the arm is better with p < CARRY_ALPHA."""
+    return bool(test and test["diff"] > 0 and test["p_value"] < CARRY_ALPHA)
+
+
 def carry_checks(
     results: dict[str, Any],
     pairs: Mapping[str, str],
     labels: Mapping[str, str] | None = None,
     metrics: Sequence[str] = ("accuracy", "closed_set_accuracy"),
     *,
+    controls: Sequence[str],
     subset: str = SUBSET,
     seed: int = 0,
-    controls: Iterable[str] | None = None,
 ) -> dict[str, Any]:
     """Each arm of ``pairs`` against its control, and against the strongest no-carry control,
     on the ``subset`` of the examples (``labels``: example id → subset name, the task's
     breakdown; None = every example), for each of ``metrics`` both arms report.
 
     ``controls``: the arms that cannot carry a fact (:func:`control_arms` of the experiment's
-    arm settings); None = by name (the controls of ``pairs``, ``*_no_carry`` and ``window``).
-    Sets and returns ``results["carry"]``::
+    arm settings). Sets and returns ``results["carry"]``::
 
         {"subset": "facts earlier" | "all", "alpha": 0.01,
          "rows": [{"arm", "control", "metric", "n", "arm_summary", "control_summary",
@@ -118,7 +115,6 @@ def carry_checks(
     strongest control existed lack the four ``strongest_*``/``carries_over_strongest`` keys.
     """
     arms = results["arms"]
-    candidates = _default_controls(arms, pairs) if controls is None else list(controls)
     rows = []
     for name, control in pairs.items():
         if name not in arms or control not in arms:
@@ -128,19 +124,19 @@ def carry_checks(
             mask = np.ones(len(arm["example_ids"]), dtype=bool)
         else:
             mask = np.asarray([labels.get(str(i)) == subset for i in arm["example_ids"]])
-        # every control's values, aligned with the arm's examples: metric → control → values
-        aligned: dict[str, dict[str, tuple[np.ndarray, str]]] = {}
-        for c in dict.fromkeys([control, *candidates]):
+        # the arm's and each control's values on the subset, paired: metric → control → values
+        paired: dict[str, dict[str, tuple[np.ndarray, np.ndarray, str]]] = {}
+        for c in dict.fromkeys([control, *controls]):
             if c == name or c not in arms:
                 continue
-            for metric, _, b, kind in _paired_values(arm, arms[c]):
-                aligned.setdefault(metric, {})[c] = (b[mask], kind)
-        for metric, a, b, kind in _paired_values(arm, arms[control]):
-            if metric not in metrics:
+            for metric, a, b, kind in _paired_values(arm, arms[c]):
+                if metric in metrics:
+                    paired.setdefault(metric, {})[c] = (a[mask], b[mask], kind)
+        for metric, by_control in paired.items():
+            if control not in by_control:
                 continue
-            a, b = a[mask], b[mask]
+            a, b, kind = by_control[control]
             test = paired_test(a, b, kind, seed=seed, alpha=CARRY_ALPHA) if mask.any() else None
-            carries = bool(test and test["diff"] > 0 and test["p_value"] < CARRY_ALPHA)
             row = {
                 "arm": name,
                 "control": control,
@@ -149,22 +145,21 @@ def carry_checks(
                 "arm_summary": summarize(a, _summary_kind(arm, metric), seed=seed),
                 "control_summary": summarize(b, _summary_kind(arms[control], metric), seed=seed),
                 "test": test,
-                "carries": carries,
+                "carries": _beats(test),
+                "strongest_control": control,
+                "strongest_summary": None,
+                "strongest_test": None,
+                "carries_over_strongest": _beats(test),
             }
             means = {
                 c: float(np.mean(v)) if v.size else float("nan")
-                for c, (v, _) in aligned[metric].items()
+                for c, (_, v, _) in by_control.items()
             }
             strongest = _strongest(control, means)
             if strongest == control:
-                row.update(
-                    strongest_control=control,
-                    strongest_summary=row["control_summary"],
-                    strongest_test=None,
-                    carries_over_strongest=carries,
-                )
+                row["strongest_summary"] = row["control_summary"]
             else:
-                s, s_kind = aligned[metric][strongest]
+                _, s, s_kind = by_control[strongest]
                 s_test = paired_test(a, s, s_kind, seed=seed, alpha=CARRY_ALPHA)
                 row.update(
                     strongest_control=strongest,
@@ -172,9 +167,7 @@ def carry_checks(
                         s, _summary_kind(arms[strongest], metric), seed=seed
                     ),
                     strongest_test=s_test,
-                    carries_over_strongest=bool(
-                        s_test["diff"] > 0 and s_test["p_value"] < CARRY_ALPHA
-                    ),
+                    carries_over_strongest=_beats(s_test),
                 )
             rows.append(row)
     rows.sort(key=lambda r: list(metrics).index(r["metric"]))

@@ -53,14 +53,16 @@ SETTINGS = {
 }
 
 
+CONTROLS = control_arms(SETTINGS)
+
+
 def test_control_arms_are_the_no_carry_memories_and_window():
-    assert control_arms(SETTINGS) == ["window", "latent_no_carry", "episodic_no_carry"]
+    assert CONTROLS == ["window", "latent_no_carry", "episodic_no_carry"]
 
 
-@pytest.mark.parametrize("controls", [None, control_arms(SETTINGS)])
-def test_beating_a_degenerate_control_is_not_beating_the_strongest(controls):
+def test_beating_a_degenerate_control_is_not_beating_the_strongest():
     results = _results()
-    carry_checks(results, PAIRS, LABELS, controls=controls)
+    carry_checks(results, PAIRS, LABELS, controls=CONTROLS)
     episodic = _rows(results)["episodic"]
     assert episodic["n"] == N_EARLIER and episodic["control"] == "episodic_no_carry"
     assert episodic["carries"] and episodic["test"]["p_value"] < 0.01
@@ -73,7 +75,7 @@ def test_beating_a_degenerate_control_is_not_beating_the_strongest(controls):
 
 def test_an_arm_whose_own_control_is_the_strongest_gets_no_second_test():
     results = _results()
-    carry_checks(results, PAIRS, LABELS)
+    carry_checks(results, PAIRS, LABELS, controls=CONTROLS)
     latent = _rows(results)["latent"]
     assert latent["strongest_control"] == latent["control"] == "latent_no_carry"
     assert latent["strongest_test"] is None
@@ -84,7 +86,8 @@ def test_an_arm_whose_own_control_is_the_strongest_gets_no_second_test():
 def test_ties_go_to_the_own_control_then_to_name_order():
     results = _results()
     del results["arms"]["latent_no_carry"]  # window and episodic_no_carry: both 0 %
-    carry_checks(results, {"episodic": "episodic_no_carry", "latent": "window"}, LABELS)
+    pairs = {"episodic": "episodic_no_carry", "latent": "window"}
+    carry_checks(results, pairs, LABELS, controls=CONTROLS)
     rows = _rows(results)
     assert rows["episodic"]["strongest_control"] == "episodic_no_carry"
     assert rows["latent"]["strongest_control"] == "window"
@@ -95,13 +98,13 @@ def test_ties_go_to_the_own_control_then_to_name_order():
 def test_memory_arms_are_never_controls():
     """``latent`` (90 %) is not a control: the strongest one stays a no-carry arm."""
     results = _results()
-    carry_checks(results, PAIRS, LABELS, controls=control_arms(SETTINGS))
+    carry_checks(results, PAIRS, LABELS, controls=CONTROLS)
     assert {r["strongest_control"] for r in results["carry"]["rows"]} == {"latent_no_carry"}
 
 
 def test_the_report_shows_the_strongest_control_and_old_results_still_render():
     results = _results()
-    carry_checks(results, PAIRS, LABELS)
+    carry_checks(results, PAIRS, LABELS, controls=CONTROLS)
     text = "\n".join(carry_section(results))
     assert "| strongest no-carry control | Δ vs it, p |" in text
     assert "format-only bar" in text
@@ -123,7 +126,7 @@ def test_the_report_shows_the_strongest_control_and_old_results_still_render():
 
 def test_the_ladder_marks_beating_the_strongest_control_and_reads_old_ladders():
     results = _results()
-    carry_checks(results, PAIRS, LABELS)
+    carry_checks(results, PAIRS, LABELS, controls=CONTROLS)
     ladder = summarize({"k1": results}, {"name": "t", "subset": "all", "rungs": ["k1"]})
     cells = {a: ladder["cells"][a]["k1"]["accuracy"] for a in ("episodic", "latent")}
     assert cells["episodic"]["carries"] and not cells["episodic"]["carries_over_strongest"]
