@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from memllm.core.backbone import decoder_stack, final_norm, stack_spec, text_config
+from memllm.core.config import to_dict
 from memllm.core.inject import MemoryLayer, memory_config
 from memllm.core.segments import (
     SegmentOutput,
@@ -356,8 +357,9 @@ class SharedFeatures:
     def __init__(self) -> None:
         self.tables: dict[tuple, dict[str, Tensor]] = {}
 
-    def table(self, backbone: tuple, model: nn.Module) -> dict[str, Tensor]:
-        """The table for ``model``'s cache place on the backbone described by ``backbone``."""
+    def table(self, cfg, model: nn.Module) -> dict[str, Tensor]:
+        """The table for ``model``'s cache place on the backbone of run config ``cfg``."""
+        backbone = (repr(to_dict(cfg.model)), cfg.train.mixed_precision, cfg.seed)
         return self.tables.setdefault((*backbone, *cache_mode(model)), {})
 
     @property

@@ -264,11 +264,7 @@ class Trainer:
 
         if reason := unsupported_reason(self.model):
             raise with_file(ConfigError(f"train.feature_cache: {reason}"), self.source)
-        table = None
-        if shared is not None:
-            cfg = self.cfg
-            backbone = (repr(_plain(cfg)["model"]), cfg.train.mixed_precision, cfg.seed)
-            table = shared.table(backbone, self.model)
+        table = shared.table(self.cfg, self.model) if shared is not None else None
         cache = FeatureCache(self.model, table)
         cache.full_hidden = any(p.reads_all_positions for p in self.plugins)
         return cache
