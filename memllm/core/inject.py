@@ -156,18 +156,9 @@ def inject_memory(model: nn.Module, config) -> nn.Module:
 
     model.requires_grad_(False)
 
-    def record_mask(_module, args, kwargs):
-        mask = kwargs.get("attention_mask")
-        if mask is not None and mask.dim() != 2:
-            mask = None  # a prepared 4-D mask: fall back to "all tokens real"
-        controller.begin_call(mask.bool() if mask is not None else None)
-
-    def finish(_module, _args, _kwargs, _output):
-        controller.end_call()
-
     hook = (
-        owner.register_forward_pre_hook(record_mask, with_kwargs=True),
-        owner.register_forward_hook(finish, with_kwargs=True, always_call=True),
+        owner.register_forward_pre_hook(_record_mask, with_kwargs=True),
+        owner.register_forward_hook(_end_call, with_kwargs=True, always_call=True),
     )
     controller = MemoryController(model, config, layer_ids, hook)
     for i, memory in modules.items():
@@ -177,9 +168,22 @@ def inject_memory(model: nn.Module, config) -> nn.Module:
         # a memory that acts inside the layer's attention installs its attention function
         if hasattr(memory, "attach"):
             memory.attach(model, wrapper.layer, i)
-    # not registered as a submodule: the controller holds no parameters
+    # not registered as a submodule: the controller holds no parameters. The decoder stack's
+    # hooks find it on their own module, so a deep copy of the model drives its own copy.
     object.__setattr__(model, ATTR, controller)
+    object.__setattr__(owner, ATTR, controller)
     return model
+
+
+def _record_mask(owner: nn.Module, _args, kwargs) -> None:
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() != 2:
+        mask = None  # a prepared 4-D mask: fall back to "all tokens real"
+    getattr(owner, ATTR).begin_call(mask.bool() if mask is not None else None)
+
+
+def _end_call(owner: nn.Module, _args, _kwargs, _output) -> None:
+    getattr(owner, ATTR).end_call()
 
 
 def remove_memory(model: nn.Module) -> nn.Module:
@@ -194,6 +198,9 @@ def remove_memory(model: nn.Module) -> nn.Module:
     for handle in controller.hook:
         handle.remove()
     object.__delattr__(model, ATTR)
+    owner = decoder_stack(model)[0]
+    if owner is not model:
+        object.__delattr__(owner, ATTR)
     return model
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import SMALL_LATENT
@@ -98,3 +100,27 @@ def test_unsupported_architecture_is_one_line(tiny):
     model.config.model_type = "mystery"
     with pytest.raises(memllm.BackboneError, match="model_type 'mystery' is not supported"):
         memllm.inject_memory(model, SMALL_LATENT)
+
+
+@pytest.mark.parametrize("config", [SMALL_LATENT, {"type": "kv_retrieval", "block_size": 4}])
+def test_a_deep_copy_runs_its_own_memory(tiny, config):
+    # The decoder stack's hooks must drive the copy's controller, not the original's: with
+    # them crossed, the copy read its padding mask from the other model (left-padded rows went
+    # wrong) and a copy made for another device (.cuda()) gave other logits.
+    from memllm.core.segments import forward_segments
+    from tests.conftest import random_ids, wake_memory
+
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, config)
+    if config["type"] == "latent":
+        wake_memory(model)
+    ids = random_ids(2, 40)
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        expected = forward_segments(model, ids, mask, segment_length=12).logits
+        got = forward_segments(twin, ids, mask, segment_length=12).logits
+    assert torch.equal(got, expected)
+    memllm.remove_memory(twin)
+    assert has_memory(model) and not has_memory(twin)
