@@ -148,6 +148,25 @@ def prepare(accelerator, step: StepModule, optimizer, params: list[nn.Parameter]
     return accelerator.prepare(step), accelerator.prepare_optimizer(optimizer)
 
 
+def allow_precision(mixed_precision: str) -> None:
+    """Let one process train runs at different precisions, one after another.
+
+    Accelerate keeps its state per process and refuses a second ``Accelerator`` with another
+    ``mixed_precision``; an experiment whose arms differ in ``train.mixed_precision`` (or a
+    notebook) would stop at its second run. In a single process nothing else holds that state,
+    so it is cleared; under a distributed launch the processes share it and it is left alone.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and not _launched():
+        AcceleratorState._reset_state()
+
+
+def _launched() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def ddp_kwargs():
     """What the trainer's :class:`accelerate.Accelerator` passes to DDP.
 

@@ -128,8 +128,10 @@ class Trainer:
         from accelerate.utils import set_seed
 
         self.cfg, self.source, self.resume = cfg, source, resume
+        precision = _mixed_precision(cfg.train.mixed_precision)
+        parallel.allow_precision(precision)
         self.accelerator = acc = Accelerator(
-            mixed_precision=_mixed_precision(cfg.train.mixed_precision),
+            mixed_precision=precision,
             kwargs_handlers=[parallel.ddp_kwargs()],
         )
         parallel.check_supported(acc, source)
