@@ -98,3 +98,13 @@ def test_override_of_an_aliased_section_changes_only_that_arm():
     assert cfg.arms["neural_layer"].train["max_steps"] == 15
     assert cfg.arms["neural_no_ft"].memory["layer_ids"] == [1]
     assert cfg.arms["neural_context"].memory["layer_ids"] == [26, 27]
+
+
+def test_unquoted_no_in_yaml_means_the_word_not_false(tmp_path):
+    # YAML 1.1 reads `mixed_precision: no` as False; the setting's choices say what was meant
+    from memllm.core.config import ConfigError, from_dict
+    from memllm.training.run_config import TrainSettings
+
+    assert from_dict(TrainSettings, {"mixed_precision": False}).mixed_precision == "no"
+    with pytest.raises(ConfigError, match="mixed_precision: must be one of"):
+        from_dict(TrainSettings, {"mixed_precision": True})  # no choice reads as yes

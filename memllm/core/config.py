@@ -47,6 +47,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                     raise  # an optional section: its own error names the key inside it
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
     if origin is typing.Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads an unquoted no / off / yes / on as a bool
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            spelled = [a for a in get_args(tp) if isinstance(a, str) and a.lower() in words]
+            if len(spelled) == 1:
+                return spelled[0]
         if value not in get_args(tp):
             choices = ", ".join(repr(a) for a in get_args(tp))
             raise ConfigError(f"{key}: must be one of {choices}, got {value!r}")
