@@ -362,8 +362,14 @@ class Experiment:
             from memllm.training.trainer import train
 
             cfg = self.run_configs[name]
+            # the built task is shared, unless a curriculum stage changes its options: then the
+            # trainer builds each stage's task from the run's data section
+            staged = any(stage.data for stage in cfg.train.curriculum)
             result = train(
-                cfg, source=self.source, task=self.train_task, shared_features=self.features
+                cfg,
+                source=self.source,
+                task=None if staged else self.train_task,
+                shared_features=self.features,
             )
             model, tokenizer = result.model, result.tokenizer
             # the heads of the trainer's plug-ins, by plug-in name (the SP head: "sp")
