@@ -28,6 +28,19 @@ def default_segment_length(model: nn.Module, max_new_tokens: int) -> int:
 
 
 @torch.no_grad()
+def answer_stops(model: nn.Module, tokenizer) -> list[int]:
+    """The token ids that end an answer: the model's own end-of-sequence ids and the
+    tokenizer's ``eos_token_id``, which the trainer appends to every answer.
+
+    They can differ: transformers versions convert the same GGUF with different generation
+    configs (one ends at ``<|endoftext|>``, the chat tokenizer at ``<|im_end|>``). Decoding that
+    stops only at the model's would run past every trained answer's end."""
+    own = model.generation_config.eos_token_id
+    ids = [own] if isinstance(own, int) else list(own or [])
+    eos = getattr(tokenizer, "eos_token_id", None)
+    return [*ids, eos] if eos is not None and eos not in ids else ids
+
+
 def generate_ids(
     model: nn.Module,
     input_ids: Tensor,
@@ -129,7 +142,7 @@ def generate(
             enc["attention_mask"][:, cut],
             segment_length=segment_length,
             max_new_tokens=max_new_tokens,
-            **generate_kwargs,
+            **{"eos_token_id": answer_stops(model, tokenizer), **generate_kwargs},
         )
         outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=skip_special_tokens))
     return outputs[0] if single else outputs
