@@ -191,6 +191,7 @@ class Experiment:
         self._backbone = None
         self._tokenizer = None  # of the last arm run: the task's breakdown reads prompts with it
         self._breakdown: Breakdown | bool | None = None  # the task's; False: it has none
+        self._unreported: set[str] = set()  # earlier arms that select does not test
 
     def tokenizer(self):
         """The tokenizer of the last arm prepared, else the backbone's (loaded alone: a run
@@ -211,18 +212,31 @@ class Experiment:
     def run(self) -> dict[str, Any]:
         """Run the selected arms; the report is rewritten after each one, so an interrupted
         experiment keeps what it finished (rerun the rest with ``--arms``)."""
-        kept = self._kept_arms()  # arm name -> result, filled in as arms finish
         names = self.arm_names
         if self.cfg.select is not None:  # validate the candidates; test only the chosen ones
-            names = selection.run_selection(self, kept)
-        results: dict[str, Any] = {}
+            kept = self._kept_arms()
+            before = set(kept)
+            names = selection.run_selection(self, kept)  # drops kept arms not to be tested
+            self._unreported |= before - set(kept)
+        own: dict[str, Any] = {}  # this run's arms, filled in as they finish
+        results = self._write_shared_report(own) if not names else {}
         for name in names:
             log.info("arm %s (%s)", name, self.cfg.arms[name].kind)
-            kept[name] = self.run_arm(name, self.cfg.arms[name])  # a rerun replaces a kept one
-            results = self.write_report([kept[n] for n in self.cfg.arms if n in kept])
-        if not names:
-            results = self.write_report([kept[n] for n in self.cfg.arms if n in kept])
+            own[name] = self.run_arm(name, self.cfg.arms[name])  # a rerun replaces a kept one
+            results = self._write_shared_report(own)
         return results
+
+    def _write_shared_report(self, own: dict[str, Any]) -> dict[str, Any]:
+        """The report of this run's arms and of every other arm whose result is in the output
+        folder with the same settings, read again at each write: experiments that run other
+        ``--arms`` into the same folder at the same time (on several GPUs, say) build one report
+        between them. The read and the write are one step under a lock."""
+        from memllm.training.lock import waiting_lock
+
+        with waiting_lock(self.out / "results.lock"):
+            kept = {n: r for n, r in self._kept_arms().items() if n not in self._unreported}
+            arms = {**kept, **own}
+            return self.write_report([arms[n] for n in self.cfg.arms if n in arms])
 
     def write_report(self, arm_results: list[dict[str, Any]], *, plots: bool = True) -> dict:
         """Write results.json, results.md and (``plots``) the plots from ``arm_results`` and the

@@ -342,3 +342,23 @@ def test_an_interrupted_experiment_keeps_its_finished_arms(tmp_path, monkeypatch
     assert list(partial["arms"]) == ["base", "window"]
     monkeypatch.setattr(Experiment, "run_arm", real)
     assert list(_run(tmp_path, config, "--arms", "latent")["arms"]) == ["base", "window", "latent"]
+
+
+def test_experiments_running_other_arms_into_one_folder_build_one_report(tmp_path):
+    """Two runs started together (e.g. one per GPU) with other --arms and one output folder:
+    each report write reads the folder's results again, so neither loses the other's arms."""
+    from memllm.evaluation.experiment_config import load_experiment_config
+
+    config = {**CONFIG, "train": {**CONFIG["train"], "max_steps": 1}}
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        yaml.safe_dump({**config, "output_dir": str(tmp_path / "out")}, sort_keys=False)
+    )
+    cfg = load_experiment_config(path)
+    first = Experiment(cfg, source=path, arms=["window", "latent"])
+    second = Experiment(cfg, source=path, arms=["base"])  # started before the first wrote
+    first.run()
+    assert list(second.run()["arms"]) == ["base", "window", "latent"]
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(written["arms"]) == ["base", "window", "latent"]
+    assert "vs_base" in written["arms"]["latent"]["comparisons"]  # paired with the other's arm
