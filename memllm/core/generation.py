@@ -27,20 +27,20 @@ def default_segment_length(model: nn.Module, max_new_tokens: int) -> int:
     return max(1, window - max_new_tokens)
 
 
-@torch.no_grad()
 def answer_stops(model: nn.Module, tokenizer) -> list[int]:
     """The token ids that end an answer: the model's own end-of-sequence ids and the
     tokenizer's ``eos_token_id``, which the trainer appends to every answer.
 
-    They can differ: transformers versions convert the same GGUF with different generation
-    configs (one ends at ``<|endoftext|>``, the chat tokenizer at ``<|im_end|>``). Decoding that
-    stops only at the model's would run past every trained answer's end."""
+    They can differ (a GGUF converted by another transformers version, a hub model whose
+    generation config names another end token); decoding that stopped only at the model's ran
+    past every trained answer's end (seen on an H200 with transformers 5.17: "28<|im_end|>…")."""
     own = model.generation_config.eos_token_id
     ids = [own] if isinstance(own, int) else list(own or [])
     eos = getattr(tokenizer, "eos_token_id", None)
     return [*ids, eos] if eos is not None and eos not in ids else ids
 
 
+@torch.no_grad()
 def generate_ids(
     model: nn.Module,
     input_ids: Tensor,

@@ -129,3 +129,15 @@ def test_generation_ends_at_the_tokenizers_eos_the_trainer_appends(tiny):
         model, tok, "abc " * 12, segment_length=8, max_new_tokens=5, skip_special_tokens=False
     )
     assert text == tok.decode([0])  # one token, not five
+
+
+def test_generation_builds_no_autograd_graph(tiny):
+    # the segments written before decoding run the trainable memory: under autograd they would
+    # keep every segment's graph alive until the batch ends
+    model, _ = tiny("llama")
+    memllm.inject_memory(model, SMALL_LATENT)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda *_: seen.append(torch.is_grad_enabled()))
+    memllm.generate_ids(model, random_ids(1, 30), segment_length=8, max_new_tokens=2)
+    hook.remove()
+    assert seen and not any(seen)
