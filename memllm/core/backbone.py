@@ -278,10 +278,25 @@ def load_backbone(
     model.name_or_path = name
     model.config.memllm_backbone = name
     prepare_tokenizer(tokenizer)
+    end_answers_at_eos(model, tokenizer)
     decoder_stack(model)  # fail early on unsupported architectures
     if device is not None:
         model.to(device)
     return freeze(model), tokenizer
+
+
+def end_answers_at_eos(model: nn.Module, tokenizer) -> None:
+    """Make generation end at the tokenizer's ``eos_token_id`` too, which the trainer appends to
+    every answer, beside the model's own end-of-sequence ids.
+
+    They can differ (a GGUF converted by another transformers version, a hub model whose
+    generation config names another end token); decoding that stopped only at the model's ran
+    past every trained answer's end (seen on an H200 with transformers 5.17: "28<|im_end|>…")."""
+    own = model.generation_config.eos_token_id
+    ids = [own] if isinstance(own, int) else list(own or [])
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos not in ids:
+        model.generation_config.eos_token_id = [*ids, eos]
 
 
 def prepare_tokenizer(tokenizer):

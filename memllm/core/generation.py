@@ -27,19 +27,6 @@ def default_segment_length(model: nn.Module, max_new_tokens: int) -> int:
     return max(1, window - max_new_tokens)
 
 
-def answer_stops(model: nn.Module, tokenizer) -> list[int]:
-    """The token ids that end an answer: the model's own end-of-sequence ids and the
-    tokenizer's ``eos_token_id``, which the trainer appends to every answer.
-
-    They can differ (a GGUF converted by another transformers version, a hub model whose
-    generation config names another end token); decoding that stopped only at the model's ran
-    past every trained answer's end (seen on an H200 with transformers 5.17: "28<|im_end|>…")."""
-    own = model.generation_config.eos_token_id
-    ids = [own] if isinstance(own, int) else list(own or [])
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return [*ids, eos] if eos is not None and eos not in ids else ids
-
-
 @torch.no_grad()
 def generate_ids(
     model: nn.Module,
@@ -142,7 +129,7 @@ def generate(
             enc["attention_mask"][:, cut],
             segment_length=segment_length,
             max_new_tokens=max_new_tokens,
-            **{"eos_token_id": answer_stops(model, tokenizer), **generate_kwargs},
+            **generate_kwargs,
         )
         outputs.extend(tokenizer.batch_decode(new, skip_special_tokens=skip_special_tokens))
     return outputs[0] if single else outputs

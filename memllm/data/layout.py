@@ -180,7 +180,7 @@ def generate_examples(
     """
     from tqdm.auto import tqdm
 
-    from memllm.core.generation import answer_stops, generate_ids
+    from memllm.core.generation import generate_ids
 
     rows = encode_rows(examples, tokenizer, segment_length=segment_length, chat=chat, eos=False)
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].prompt_ids))
@@ -201,7 +201,6 @@ def generate_examples(
             mask.to(device),
             segment_length=segment_length,
             max_new_tokens=max_new_tokens,
-            eos_token_id=answer_stops(model, tokenizer),
         )
         texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(chunk, texts, strict=True):

@@ -159,7 +159,7 @@ def build_model(cfg: RunConfig, source=None) -> tuple[nn.Module, Any]:
 
 def generate_texts(model: nn.Module, tokenizer, batch: Batch, cfg: RunConfig, max_new: int):
     """Greedy answers to a batch of prompts, read segment by segment as in training."""
-    from memllm.core.generation import answer_stops, generate_ids
+    from memllm.core.generation import generate_ids
 
     new = generate_ids(
         model,
@@ -167,6 +167,5 @@ def generate_texts(model: nn.Module, tokenizer, batch: Batch, cfg: RunConfig, ma
         batch.attention_mask,
         segment_length=cfg.train.segment_length,
         max_new_tokens=max_new,
-        eos_token_id=answer_stops(model, tokenizer),
     )
     return tokenizer.batch_decode(new, skip_special_tokens=True)

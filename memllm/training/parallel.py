@@ -159,12 +159,9 @@ def allow_precision(mixed_precision: str) -> None:
     from accelerate.state import AcceleratorState
 
     state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != mixed_precision and not _launched():
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if state and state.get("_mixed_precision") != mixed_precision and not launched:
         AcceleratorState._reset_state()
-
-
-def _launched() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def ddp_kwargs():

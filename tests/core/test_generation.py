@@ -112,23 +112,27 @@ def test_context_tokens_reads_only_the_last_tokens(tiny, monkeypatch):
 def test_generation_ends_at_the_tokenizers_eos_the_trainer_appends(tiny):
     # A GGUF converted by another transformers version can end generation at another token
     # than the tokenizer's eos, which training appends to every answer: decoding then ran past
-    # the answer ("28<|im_end|>assistant ..."). Both must end it.
-    from memllm.core.generation import answer_stops
+    # the answer ("28<|im_end|>assistant ..."). load_backbone makes both end it.
+    from memllm.core.backbone import end_answers_at_eos
 
     model, tok = tiny("llama")
     with torch.no_grad():
         model.model.norm.weight.zero_()  # every logit 0: greedy always picks token 0
     tok.eos_token = tok.convert_ids_to_tokens(0)
-    model.generation_config.eos_token_id = [2]
-    assert answer_stops(model, tok) == [2, 0]
     model.generation_config.eos_token_id = 0
-    assert answer_stops(model, tok) == [0]
-    model.generation_config.eos_token_id = 2
+    end_answers_at_eos(model, tok)
+    assert model.generation_config.eos_token_id == 0
+    model.generation_config.eos_token_id = [2]
+    end_answers_at_eos(model, tok)
+    assert model.generation_config.eos_token_id == [2, 0]
     memllm.inject_memory(model, SMALL_LATENT)
     text = memllm.generate(
         model, tok, "abc " * 12, segment_length=8, max_new_tokens=5, skip_special_tokens=False
     )
     assert text == tok.decode([0])  # one token, not five
+    loaded, loaded_tok = memllm.load_backbone("tiny-llama")  # every memllm path loads so
+    ends = loaded.generation_config.eos_token_id
+    assert loaded_tok.eos_token_id in (ends if isinstance(ends, list) else [ends])
 
 
 def test_generation_builds_no_autograd_graph(tiny):
