@@ -138,10 +138,22 @@ def forced_scores(
         # ones that predict the target; nothing before them needs the LM head.
         keep = width_t + 1
         kwargs = logits_to_keep_kwargs(model, keep)
+        positions = positions_from_mask(visible_mask)
+        if not with_memory:
+            # Columns that are padding in every row (the own layout pads the question's segment
+            # inside the row) change nothing without a memory: nothing attends to them and
+            # positions count real tokens. Dropping them, window's closed-set rows on recall
+            # shrink from the 128-token segment to the question and candidate (~25 tokens).
+            used = visible_mask.bool().any(0)
+            used[-keep:] = True
+            if not used.all():
+                visible, visible_mask, positions = (
+                    t[:, used] for t in (visible, visible_mask, positions)
+                )
         call = {
             "input_ids": visible,
             "attention_mask": visible_mask,
-            "position_ids": positions_from_mask(visible_mask),
+            "position_ids": positions,
             **kwargs,
         }
         with torch.no_grad():

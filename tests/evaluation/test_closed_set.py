@@ -108,6 +108,25 @@ def test_without_memory_the_context_changes_nothing(tiny):
     assert len(scores) == 4 and all(len(s) == 4 for s in scores)
 
 
+def test_without_memory_a_score_is_the_question_and_candidate_read_alone(tiny, one_thread):
+    """window's scores skip the padding inside the question's segment: each equals the
+    log-likelihood of the candidate after the question part read with nothing else."""
+    model, tok = tiny("llama")
+    examples = _examples()
+    batched = candidate_log_likelihoods(
+        model, tok, examples, [LABELS] * 4, segment_length=S, batch_size=16
+    )
+    for ex, scores in zip(examples, batched, strict=True):
+        question = tok(ex.question_part, add_special_tokens=False)["input_ids"]
+        for label, score in zip(LABELS, scores, strict=True):
+            target = tok(" " + label, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([question + target])).logits
+            logp = torch.log_softmax(logits[0, len(question) - 1 : -1].float(), -1)
+            reference = logp.gather(-1, torch.tensor(target)[:, None]).sum().item()
+            assert score == pytest.approx(reference, abs=1e-4)
+
+
 @pytest.mark.parametrize(
     "memory",
     [
