@@ -52,8 +52,9 @@ _NEURAL_ARCHS = {
 
 
 # Experiment settings that do not change what an arm's test result means: an arm evaluated under
-# other values of these is kept (``--arms``); ``select`` only decides which arms are tested.
-LOOSE_SETTINGS = ("arms", "name", "compare_with", "select")
+# other values of these is kept (``--arms``); ``select`` only decides which arms are tested, and
+# ``output_dir`` where they are written (a moved or copied folder keeps its arms).
+LOOSE_SETTINGS = ("arms", "name", "compare_with", "select", "output_dir")
 
 
 def select_examples(task, split: str, per_group: int | None):

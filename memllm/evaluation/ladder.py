@@ -339,8 +339,39 @@ def plot_ladder(ladder: Mapping[str, Any], path: Path, metric: str = "accuracy")
     return path
 
 
+def plot_ladder_lines(
+    ladder: Mapping[str, Any], path: Path, metric: str = "accuracy"
+) -> Path | None:
+    """The ladder's ``metric`` per arm across the rungs as lines with 95 % intervals, chance
+    dotted: on a ladder whose rungs are input lengths, accuracy vs length. None unless some arm
+    has the metric on two rungs."""
+    from memllm.evaluation.plots import _figure, _save, draw_interval_lines
+
+    rungs = ladder["rungs"]
+    series = {
+        a: {r: cell[metric] for r, cell in ladder["cells"].get(a, {}).items() if metric in cell}
+        for a in ladder["arms"]
+    }
+    points = [sum(not is_missing(s.get("value")) for s in per.values()) for per in series.values()]
+    if max(points, default=0) < 2:
+        return None
+    fig = _figure(max(5.5, 0.8 * len(rungs) + 3.4), 4.0)
+    ax = fig.subplots()
+    chance = [ladder["rung_info"].get(r, {}).get("chance") for r in rungs]
+    if any(not is_missing(c) for c in chance):
+        y = [np.nan if is_missing(c) else 100 * c for c in chance]
+        ax.plot(range(len(rungs)), y, ls=":", color="black", lw=1.2, label="chance")
+    draw_interval_lines(ax, rungs, series, scale=100.0)
+    ax.set_ylim(-2, 102)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{metric}, {ladder['subset']}, by rung (bars and bands: 95 % CI)")
+    _save(fig, path)
+    return path
+
+
 def write_ladder(output_dir: str | Path, ladder: Mapping[str, Any]) -> dict[str, Path]:
-    """``ladder.json``, ``ladder.md`` and (with data) ``ladder.png`` in ``output_dir``."""
+    """``ladder.json``, ``ladder.md`` and (with data) ``ladder.png`` (the heat-map) and
+    ``ladder_lines.png`` (each arm across the rungs) in ``output_dir``."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "ladder.json", "markdown": out / "ladder.md"}
@@ -350,5 +381,9 @@ def write_ladder(output_dir: str | Path, ladder: Mapping[str, Any]) -> dict[str,
     if png is not None:
         paths["plot"] = png
         text += "\n![ladder heat-map](ladder.png)\n"
+    lines = plot_ladder_lines(ladder, out / "ladder_lines.png")
+    if lines is not None:
+        paths["lines"] = lines
+        text += "\n![each arm across the rungs](ladder_lines.png)\n"
     paths["markdown"].write_text(text)
     return paths

@@ -282,42 +282,33 @@ def _plot_heatmap(
     return [("Task × length", "plots/heatmap.png", caption)]
 
 
-def _plot_by_length(
-    results: Mapping[str, Any], out: Path, logs: Mapping[str, list]
-) -> list[tuple[str, str, str]]:
-    """(b) Primary metric vs input length per arm, with 95 % intervals."""
-    metric = primary_metric(results)
-    by_arm = {
-        name: arm.get("lengths") or {}
-        for name, arm in results["arms"].items()
-        if (arm.get("lengths") or {})
-    }
-    lengths = sorted(
-        {le for d in by_arm.values() for le in d}, key=lambda x: parse_length(x) or 0.0
-    )
-    if metric is None or len(lengths) < 2:
-        return []
-    pct = metric in percent_metrics(results)
-    scale = 100.0 if pct else 1.0
-    colours = _arm_colours(list(results["arms"]))
-    fig = _figure(max(5.5, 0.8 * len(lengths) + 3.0), 4.0)
-    ax = fig.subplots()
-    x_of = {le: i for i, le in enumerate(lengths)}
-    n_arms = len(by_arm)
-    for k, (name, summaries) in enumerate(by_arm.items()):
-        points = [(le, summaries[le][metric]) for le in lengths if metric in summaries.get(le, {})]
-        points = [(le, s) for le, s in points if not is_missing(s["value"])]
+def draw_interval_lines(
+    ax,
+    labels: Sequence[str],
+    series: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    *,
+    scale: float = 1.0,
+    colours: Mapping[str, Any] | None = None,
+) -> None:
+    """One line per arm over the categorical x axis ``labels``: ``series`` maps an arm to
+    ``{label: summary}`` (a summary has ``value`` and ``ci95``), drawn with its 95 % interval
+    as bars and a band; reference arms (base, window) dashed. Labels an arm lacks are skipped."""
+    colours = colours or _arm_colours(list(series))
+    x_of = {label: i for i, label in enumerate(labels)}
+    for k, (name, summaries) in enumerate(series.items()):
+        points = [(lb, summaries[lb]) for lb in labels if lb in summaries]
+        points = [(lb, s) for lb, s in points if s and not is_missing(s.get("value"))]
         if not points:
             continue
         # Small horizontal offsets keep overlapping error bars apart.
-        offset = (k - (n_arms - 1) / 2) * 0.06
-        x = np.array([x_of[le] for le, _ in points], dtype=float) + offset
+        offset = (k - (len(series) - 1) / 2) * 0.06
+        x = np.array([x_of[lb] for lb, _ in points], dtype=float) + offset
         y = np.array([s["value"] * scale for _, s in points])
-        low = np.array(
-            [np.nan if is_missing(s["ci95"][0]) else s["ci95"][0] * scale for _, s in points]
-        )
-        high = np.array(
-            [np.nan if is_missing(s["ci95"][1]) else s["ci95"][1] * scale for _, s in points]
+        low, high = (
+            np.array(
+                [np.nan if is_missing(s["ci95"][i]) else s["ci95"][i] * scale for _, s in points]
+            )
+            for i in (0, 1)
         )
         style = "--" if name in _REFERENCE_COLOURS else "-"
         ax.errorbar(
@@ -333,13 +324,35 @@ def _plot_by_length(
             label=name,
         )
         ax.fill_between(x, low, high, color=colours[name], alpha=0.1, lw=0)
-    ax.set_xticks(range(len(lengths)), lengths)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+
+
+def _plot_by_length(
+    results: Mapping[str, Any], out: Path, logs: Mapping[str, list]
+) -> list[tuple[str, str, str]]:
+    """(b) Primary metric vs input length per arm, with 95 % intervals."""
+    metric = primary_metric(results)
+    by_arm = {
+        name: {le: s[metric] for le, s in (arm.get("lengths") or {}).items() if metric in s}
+        for name, arm in results["arms"].items()
+        if (arm.get("lengths") or {})
+    }
+    lengths = sorted(
+        {le for d in by_arm.values() for le in d}, key=lambda x: parse_length(x) or 0.0
+    )
+    if metric is None or len(lengths) < 2:
+        return []
+    pct = metric in percent_metrics(results)
+    fig = _figure(max(5.5, 0.8 * len(lengths) + 3.0), 4.0)
+    ax = fig.subplots()
+    colours = _arm_colours(list(results["arms"]))
+    draw_interval_lines(ax, lengths, by_arm, scale=100.0 if pct else 1.0, colours=colours)
     ax.set_xlabel("input length")
     ax.set_ylabel(metric_header(metric, percent_metrics(results)))
     if pct:
         ax.set_ylim(-2, 102)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_title(f"{metric} vs input length (all tasks pooled; bars and bands: 95% CI)")
     _save(fig, out / "plots" / "by_length.png")
     caption = (

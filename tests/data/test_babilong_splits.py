@@ -91,6 +91,23 @@ def test_dense_questions_ask_every_person_at_the_end_of_a_story():
         babilong(tasks=["qa2"], questions_per_story="all")
 
 
+def test_the_question_segment_is_the_same_at_every_length():
+    """Only the haystack grows with the length: the same test stories, and the question's own
+    segment (all that window and a no-carry control read) identical, so their answers are the
+    same on every BabiLong rung and any gain at a longer length was carried."""
+    by_length = {
+        le: babilong(question_segment="own", lengths=[le]).examples("test")
+        for le in ("0k", "1k", "2k")
+    }
+    rows = {
+        le: [(e.question_part, e.target, e.meta["question"]) for e in exs]
+        for le, exs in by_length.items()
+    }
+    assert len(rows["0k"]) == 10 and rows["0k"] == rows["1k"] == rows["2k"]
+    contexts = [len(e.context_part) for e in (by_length[le][0] for le in ("0k", "1k", "2k"))]
+    assert contexts == sorted(contexts) and len(set(contexts)) == 3  # the haystack grows
+
+
 def test_official_prompt_travels_with_the_question_in_its_own_segment():
     task = babilong(question_segment="own", lengths=["1k"])
     tok = byte_tokenizer()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -316,6 +317,15 @@ def test_arms_run_one_at_a_time_build_one_report(tmp_path, caplog):
     assert list(second["arms"]) == ["base", "window", "latent"]
     assert second["arms"]["latent"]["per_example"] == first["arms"]["latent"]["per_example"]
     assert "vs_base" in second["arms"]["latent"]["comparisons"]  # paired with the new arm
+    # a copied folder keeps its arms: where a report is written is not a setting
+    shutil.copytree(tmp_path / "out", tmp_path / "copy")
+    path = tmp_path / "copy.yaml"
+    path.write_text(
+        yaml.safe_dump({**config, "output_dir": str(tmp_path / "copy")}, sort_keys=False)
+    )
+    assert main(["experiment", "--config", str(path), "--arms", "window"]) == 0
+    copied = json.loads((tmp_path / "copy" / "results.json").read_text())
+    assert list(copied["arms"]) == ["base", "window", "latent"]
     # another evaluation: the kept arms would not pair with it, so they are dropped, loudly
     changed = {**config, "eval": {**config["eval"], "max_new_tokens": 2}}
     third = _run(tmp_path, changed, "--arms", "window")

@@ -135,3 +135,32 @@ def test_a_bad_rung_names_itself(tmp_path, capsys):
     args = ["ladder", "--config", str(LADDER), "rungs.babi_0k.segment_length=0"]
     assert main(args) == 2
     assert "rungs.babi_0k" in capsys.readouterr().err
+
+
+def _cell(value: float, n: int = 150) -> dict:
+    return {"accuracy": {"value": value, "ci95": [value - 0.05, value + 0.05], "n": n}}
+
+
+def test_each_arm_is_drawn_across_the_rungs_when_it_has_two(tmp_path):
+    from memllm.evaluation.ladder import write_ladder
+
+    ladder = {
+        "name": "lengths",
+        "subset": "facts earlier",
+        "alpha": 0.01,
+        "rungs": ["2k", "4k"],
+        "arms": ["window", "episodic"],
+        "rung_info": {"2k": {"chance": 1 / 6}, "4k": {"chance": 1 / 6}},
+        "cells": {
+            "window": {"2k": _cell(0.1), "4k": _cell(0.1)},
+            "episodic": {"2k": _cell(0.3)},  # one point: drawn as a marker, not a line
+        },
+    }
+    paths = write_ladder(tmp_path / "two", ladder)
+    assert paths["lines"].is_file()
+    assert "![each arm across the rungs](ladder_lines.png)" in paths["markdown"].read_text()
+
+    # one rung: nothing to draw across
+    single = {**ladder, "rungs": ["2k"], "cells": {"episodic": {"2k": _cell(0.3)}}}
+    paths = write_ladder(tmp_path / "one", single)
+    assert "lines" not in paths and not (tmp_path / "one" / "ladder_lines.png").exists()
