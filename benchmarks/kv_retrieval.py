@@ -22,11 +22,12 @@ Ends with one JSON line ``{"episodic_facts_earlier_gain": ..., "kv_retrieval_tim
 ..., "kv_retrieval_peak_gb_128k": ...}`` (null where not measured): the time ratio is of total
 seconds (of the first ``--offload`` placement), the peak of the lowest placement measured at
 128k, and the episodic gain is read from an experiment's ``results.json``
-(``--episodic-results``): its carry table's row for arm ``episodic``, the difference to its
-control in points.
+(``--episodic-results``): its carry table's row for arm ``episodic`` (or ``--episodic-arm``),
+the difference to its control in points.
 
     python benchmarks/kv_retrieval.py [--model smollm2-135m] [--lengths 4k,8k,32k,128k]
         [--offload none,disk] [--base] [--threads 2] [--episodic-results runs/x/results.json]
+        [--episodic-arm episodic_curriculum]
 """
 
 from __future__ import annotations
@@ -115,19 +116,23 @@ def worker(length: int, offload: str, args) -> dict:
     }
 
 
-def episodic_gain(path: str | None, parser: argparse.ArgumentParser) -> float | None:
-    """The carry table's gain of arm ``episodic`` over its control, in points (null: no file)."""
+def episodic_gain(
+    path: str | None, parser: argparse.ArgumentParser, arm: str = "episodic"
+) -> float | None:
+    """The carry table's gain of ``arm`` over its control, in points (null: no file)."""
     if path is None:
         return None
-    from memllm.evaluation.results import percent_metrics
+    from memllm.evaluation.results import percent_metrics, primary_metric
 
     try:
         results = json.loads(Path(path).read_text())
-        (row,) = [r for r in results["carry"]["rows"] if r["arm"] == "episodic"]
+        rows = [r for r in results["carry"]["rows"] if r["arm"] == arm]
+        # beside the closed-set score, the task's own metric
+        (row,) = [r for r in rows if r["metric"] == primary_metric(results)] or rows
         diff = row["test"]["diff"]
     except (OSError, ValueError, KeyError, TypeError) as error:
         parser.error(
-            f"--episodic-results {path}: no carry row for arm 'episodic' "
+            f"--episodic-results {path}: no carry row for arm {arm!r} "
             f"({type(error).__name__}: {error})"
         )
     if diff is None:
@@ -157,6 +162,9 @@ def main() -> None:
     parser.add_argument(
         "--episodic-results", default=None, help="an experiment's results.json (carry table)"
     )
+    parser.add_argument(
+        "--episodic-arm", default="episodic", help="the arm of --episodic-results to read"
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.segment_length is None:
@@ -165,7 +173,7 @@ def main() -> None:
         offload, length = args.worker.split(":")
         print(json.dumps(worker(int(length), offload, args)))
         return
-    gain = episodic_gain(args.episodic_results, parser)
+    gain = episodic_gain(args.episodic_results, parser, args.episodic_arm)
     placements = [p.strip() for p in args.offload.split(",")]
     lengths = [_tokens(t) for t in args.lengths.split(",")]
     runs = [(p, n) for p in placements for n in lengths]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -345,3 +347,22 @@ def test_wandb_is_optional_and_named_when_missing(tmp_path, monkeypatch):
     logger.close()
     record = json.loads((tmp_path / "log.jsonl").read_text())
     assert record["loss"] == "nan" and record["lr"] == 0.1  # still valid JSON
+
+
+def test_kv_retrieval_with_lora_trains_the_adapter_alone(tmp_path):
+    """The training-free retrieval plus a LoRA that learns the answer's format: the backbone's
+    attention reads retrieved past blocks while its adapter trains, and the checkpoint holds
+    the retrieval config and the adapter."""
+    kv = {"type": "kv_retrieval", "block_size": 8, "repr_keys": 2, "top_k": 2, "init_tokens": 4}
+    cfg = toy_config(tmp_path, memory=None, lora=LORA, train={"max_steps": 2})
+    run = train(dataclasses.replace(cfg, memory=kv), task=ToyTask())
+    trainable = {id(p) for p in run.model.parameters() if p.requires_grad}
+    assert memllm.memory_parameters(run.model) == []
+    assert trainable == {id(p) for p in memllm.lora_parameters(run.model)}
+    final = run.output_dir / "final"
+    adapter = load_file(final / "adapter_model.safetensors")
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())
+    assert (
+        json.loads((final / "memory_config.json").read_text())["memory"]["type"] == "kv_retrieval"
+    )
+    assert all(math.isfinite(r["loss"]) for r in records(run.output_dir))
