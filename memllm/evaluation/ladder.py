@@ -355,7 +355,7 @@ def plot_ladder_lines(
     points = [sum(not is_missing(s.get("value")) for s in per.values()) for per in series.values()]
     if max(points, default=0) < 2:
         return None
-    fig = _figure(max(5.5, 0.8 * len(rungs) + 3.4), 4.0)
+    fig = _figure(max(7.5, 0.8 * len(rungs) + 5.0), 4.0)  # the legend takes ~3 inches
     ax = fig.subplots()
     chance = [ladder["rung_info"].get(r, {}).get("chance") for r in rungs]
     if any(not is_missing(c) for c in chance):
@@ -364,7 +364,8 @@ def plot_ladder_lines(
     draw_interval_lines(ax, rungs, series, scale=100.0)
     ax.set_ylim(-2, 102)
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{metric}, {ladder['subset']}, by rung (bars and bands: 95 % CI)")
+    ax.set_xlabel("rung")
+    ax.set_title(f"{metric}, {ladder['subset']} (bars and bands: 95 % CI)")
     _save(fig, path)
     return path
 
