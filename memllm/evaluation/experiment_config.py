@@ -308,6 +308,13 @@ def load_experiment_config(path: str | Path, overrides: list[str] | None = None)
     from memllm.core.config import apply_overrides
 
     data = load_yaml(path)
+    if isinstance(data, dict) and "rungs" in data:
+        raise with_file(
+            ConfigError(
+                f"rungs: a ladder (one experiment per rung): memllm ladder --config {path}"
+            ),
+            path,
+        )
     try:
         return from_dict(ExperimentConfig, apply_overrides(data, list(overrides or [])))
     except ConfigError as err:

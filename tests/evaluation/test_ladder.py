@@ -164,3 +164,9 @@ def test_each_arm_is_drawn_across_the_rungs_when_it_has_two(tmp_path):
     single = {**ladder, "rungs": ["2k"], "cells": {"episodic": {"2k": _cell(0.3)}}}
     paths = write_ladder(tmp_path / "one", single)
     assert "lines" not in paths and not (tmp_path / "one" / "ladder_lines.png").exists()
+
+
+def test_a_ladder_given_to_experiment_says_to_run_the_ladder(capsys):
+    assert main(["experiment", "--config", str(LADDER)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ladder.yaml" in err and "memllm ladder" in err, err
