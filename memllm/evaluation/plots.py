@@ -282,6 +282,18 @@ def _plot_heatmap(
     return [("Task × length", "plots/heatmap.png", caption)]
 
 
+def _value(summary: Mapping[str, Any]):
+    return summary["value"]
+
+
+def _low(summary: Mapping[str, Any]):
+    return summary["ci95"][0]
+
+
+def _high(summary: Mapping[str, Any]):
+    return summary["ci95"][1]
+
+
 def draw_interval_lines(
     ax,
     labels: Sequence[str],
@@ -292,23 +304,21 @@ def draw_interval_lines(
 ) -> None:
     """One line per arm over the categorical x axis ``labels``: ``series`` maps an arm to
     ``{label: summary}`` (a summary has ``value`` and ``ci95``), drawn with its 95 % interval
-    as bars and a band; reference arms (base, window) dashed. Labels an arm lacks are skipped."""
+    as bars and a band; reference arms (base, window) dashed. A label an arm lacks leaves a gap
+    in its line (a lone point keeps its marker)."""
     colours = colours or _arm_colours(list(series))
-    x_of = {label: i for i, label in enumerate(labels)}
     for k, (name, summaries) in enumerate(series.items()):
-        points = [(lb, summaries[lb]) for lb in labels if lb in summaries]
-        points = [(lb, s) for lb, s in points if s and not is_missing(s.get("value"))]
-        if not points:
+        # every label, NaN where the arm has no value: a gap breaks the line instead of
+        # drawing one across a rung (or length) that was not measured
+        found = [summaries.get(lb) for lb in labels]
+        found = [s if s and not is_missing(s.get("value")) else None for s in found]
+        if not any(found):
             continue
         # Small horizontal offsets keep overlapping error bars apart.
-        offset = (k - (len(series) - 1) / 2) * 0.06
-        x = np.array([x_of[lb] for lb, _ in points], dtype=float) + offset
-        y = np.array([s["value"] * scale for _, s in points])
-        low, high = (
-            np.array(
-                [np.nan if is_missing(s["ci95"][i]) else s["ci95"][i] * scale for _, s in points]
-            )
-            for i in (0, 1)
+        x = np.arange(len(labels), dtype=float) + (k - (len(series) - 1) / 2) * 0.06
+        y, low, high = (
+            np.array([np.nan if s is None or is_missing(get(s)) else get(s) * scale for s in found])
+            for get in (_value, _low, _high)
         )
         style = "--" if name in _REFERENCE_COLOURS else "-"
         ax.errorbar(

@@ -170,3 +170,17 @@ def test_a_ladder_given_to_experiment_says_to_run_the_ladder(capsys):
     assert main(["experiment", "--config", str(LADDER)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "ladder.yaml" in err and "memllm ladder" in err, err
+
+
+def test_a_rung_an_arm_lacks_is_a_gap_in_its_line():
+    import numpy as np
+
+    from memllm.evaluation.plots import _figure, draw_interval_lines
+
+    ax = _figure(4, 3).subplots()
+    series = {"episodic": {"2k": _cell(0.2)["accuracy"], "16k": _cell(0.3)["accuracy"]}}
+    draw_interval_lines(ax, ["2k", "8k", "16k"], series, scale=100.0)
+    (bars,) = ax.containers  # errorbar's: the data line, its caps and bars
+    assert bars.get_label() == "episodic"
+    y = np.asarray(bars.lines[0].get_ydata(), dtype=float)
+    assert np.isnan(y[1]) and y[0] == pytest.approx(20.0) and y[2] == pytest.approx(30.0)
