@@ -201,6 +201,11 @@ def test_training_with_the_cache_matches_training_without(tmp_path):
     a = load_file(plain.output_dir / "final" / "memory.safetensors")
     b = load_file(cached.output_dir / "final" / "memory.safetensors")
     for key in a:
+        if key.endswith("key.bias"):
+            # A key bias adds the same q.b to every key's score, which the softmax cancels: its
+            # true gradient is zero, so Adam turns float noise into lr-sized steps that differ
+            # between any two summation orders. What it holds is noise, not a cache effect.
+            continue
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
 
 
