@@ -178,6 +178,7 @@ class Experiment:
                 and arm.checkpoint is None
                 and not arm.untrained
             }
+            self._check_checkpoints()
         except ConfigError as err:
             raise with_file(err, source) from None
         self.examples = select_examples(self.task, cfg.eval.split, cfg.eval.max_examples)
@@ -193,6 +194,24 @@ class Experiment:
         self._tokenizer = None  # of the last arm run: the task's breakdown reads prompts with it
         self._breakdown: Breakdown | bool | None = None  # the task's; False: it has none
         self._unreported: set[str] = set()  # earlier arms that select does not test
+
+    def _check_checkpoints(self) -> None:
+        """Every selected arm's checkpoint is a readable checkpoint folder, checked before any
+        arm runs: a missing one would otherwise stop an experiment (or a ladder) after the
+        arms before it had run for hours."""
+        from memllm.core.checkpoint import read_checkpoint
+        from memllm.errors import CheckpointError
+
+        for name in self.arm_names:
+            path = self.cfg.arms[name].checkpoint
+            if path is None:
+                continue
+            try:
+                read_checkpoint(path)
+            except CheckpointError as err:
+                raise ConfigError(
+                    f"arms.{name}.checkpoint: {err} (train that arm first, or fix the path)"
+                ) from None
 
     def tokenizer(self):
         """The tokenizer of the last arm prepared, else the backbone's (loaded alone: a run

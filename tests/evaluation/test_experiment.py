@@ -296,6 +296,23 @@ def test_bad_experiment_config_is_one_line_naming_the_key(tmp_path, capsys, chan
     assert len(err.splitlines()) == 1 and "exp.yaml" in err and key in err, err
 
 
+def test_a_missing_checkpoint_is_one_line_before_any_arm_runs(tmp_path, capsys):
+    arms = {
+        "window": {"kind": "window"},
+        "trained": {"kind": "memory", "checkpoint": str(tmp_path / "nowhere" / "final")},
+    }
+    path = tmp_path / "exp.yaml"
+    config = {**CONFIG, "arms": arms, "output_dir": str(tmp_path / "out")}
+    path.write_text(yaml.safe_dump(config))
+    assert main(["experiment", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert "exp.yaml" in err and "arms.trained.checkpoint" in err and "not found" in err
+    assert not (tmp_path / "out" / "results.json").exists()  # window did not run first
+    # an arm that is not selected is not checked
+    assert main(["experiment", "--config", str(path), "--arms", "window"]) == 0
+
+
 def test_memory_arms_are_described_by_their_config():
     def describe(**arm):
         return Experiment._describe("x", ArmSettings(kind="memory", **arm))
