@@ -198,13 +198,17 @@ class Experiment:
     def _check_checkpoints(self) -> None:
         """Every selected arm's checkpoint is a readable checkpoint folder, checked before any
         arm runs: a missing one would otherwise stop an experiment (or a ladder) after the
-        arms before it had run for hours."""
+        arms before it had run for hours. A checkpoint that an arm of this run trains (one in
+        ``<output_dir>/arms/<arm>/``) is not there yet, and is checked when it is loaded."""
         from memllm.core.checkpoint import read_checkpoint
         from memllm.errors import CheckpointError
 
+        written_here = [
+            (self.out / "arms" / n).resolve() for n in self.arm_names if n in self.run_configs
+        ]
         for name in self.arm_names:
             path = self.cfg.arms[name].checkpoint
-            if path is None:
+            if path is None or any(Path(path).resolve().is_relative_to(d) for d in written_here):
                 continue
             try:
                 read_checkpoint(path)
