@@ -282,18 +282,6 @@ def _plot_heatmap(
     return [("Task × length", "plots/heatmap.png", caption)]
 
 
-def _value(summary: Mapping[str, Any]):
-    return summary["value"]
-
-
-def _low(summary: Mapping[str, Any]):
-    return summary["ci95"][0]
-
-
-def _high(summary: Mapping[str, Any]):
-    return summary["ci95"][1]
-
-
 def draw_interval_lines(
     ax,
     labels: Sequence[str],
@@ -316,9 +304,11 @@ def draw_interval_lines(
             continue
         # Small horizontal offsets keep overlapping error bars apart.
         x = np.arange(len(labels), dtype=float) + (k - (len(series) - 1) / 2) * 0.06
+        # (value, ci low, ci high) per label, NaN where missing
+        rows = [(s["value"], *s["ci95"]) if s else (None, None, None) for s in found]
         y, low, high = (
-            np.array([np.nan if s is None or is_missing(get(s)) else get(s) * scale for s in found])
-            for get in (_value, _low, _high)
+            np.array([np.nan if is_missing(v) else v * scale for v in column])
+            for column in zip(*rows, strict=True)
         )
         style = "--" if name in _REFERENCE_COLOURS else "-"
         ax.errorbar(
