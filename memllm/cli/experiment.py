@@ -9,7 +9,10 @@ def cmd_experiment(args) -> int:
     from memllm.evaluation.markdown import format_table
 
     arms = args.arms.split(",") if args.arms else None
-    experiment, results = run_experiment(args.config, args.overrides, arms)
+    experiment, results = run_experiment(args.config, args.overrides, arms, args.shard)
+    if experiment.paths is None:  # a shard that left its arms to the others to finish
+        print("this shard's answers are saved; the shard that answers the last writes the report")
+        return 0
     print(format_table(results))
     print(f"report: {experiment.paths['markdown']}")
     return 0
@@ -20,7 +23,7 @@ def cmd_ladder(args) -> int:
 
     rungs = args.rungs.split(",") if args.rungs else None
     arms = args.arms.split(",") if args.arms else None
-    _, paths = run_ladder(args.config, args.overrides, rungs=rungs, arms=arms)
+    _, paths = run_ladder(args.config, args.overrides, rungs=rungs, arms=arms, shard=args.shard)
     print(paths["markdown"].read_text())
     print(f"report: {paths['markdown']}")
     return 0
@@ -47,6 +50,13 @@ def register(sub) -> None:
         help="comma-separated subset of the config's arms; the other arms' results already in "
         "the output folder stay in the report when their settings are unchanged",
     )
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="answer only this process's share of each arm's examples (K of N processes on one "
+        "output folder); answers are saved as they come and the shard that answers the last "
+        "example writes the arm's result",
+    )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=cmd_experiment)
 
@@ -61,6 +71,13 @@ def register(sub) -> None:
         "--arms",
         help="comma-separated subset of the arms; the other arms' results already in each "
         "rung's folder stay in the reports when their settings are unchanged",
+    )
+    p.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="answer only this process's share of each arm's examples (K of N processes on one "
+        "output folder); answers are saved as they come and the shard that answers the last "
+        "example writes the arm's result",
     )
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=cmd_ladder)

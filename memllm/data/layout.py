@@ -180,32 +180,55 @@ def generate_examples(
     """
     from tqdm.auto import tqdm
 
-    from memllm.core.generation import generate_ids
-
     rows = encode_rows(examples, tokenizer, segment_length=segment_length, chat=chat, eos=False)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i].prompt_ids))
-    device = next(model.parameters()).device
-    cut = slice(-context_tokens, None) if context_tokens else slice(None)
+    order = longest_first([len(r.prompt_ids) for r in rows])
     result = [""] * len(rows)
     starts = range(0, len(order), batch_size)
     for s in tqdm(starts, desc=desc, disable=not progress, unit="batch"):
         chunk = order[s : s + batch_size]
-        ids, mask = left_pad_rows(
-            [rows[i].prompt_ids[cut] for i in chunk],
-            [rows[i].prompt_mask[cut] for i in chunk],
-            _pad_id(tokenizer),
-        )
-        new = generate_ids(
+        texts = generate_rows(
             model,
-            ids.to(device),
-            mask.to(device),
+            tokenizer,
+            [rows[i] for i in chunk],
             segment_length=segment_length,
             max_new_tokens=max_new_tokens,
+            context_tokens=context_tokens,
         )
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
         for i, text in zip(chunk, texts, strict=True):
             result[i] = text
     return result
+
+
+def longest_first(lengths: Sequence[int]) -> list[int]:
+    """Indices by decreasing length (ties in input order): batches that waste little padding."""
+    return sorted(range(len(lengths)), key=lambda i: -lengths[i])
+
+
+def generate_rows(
+    model,
+    tokenizer,
+    rows: Sequence[Row],
+    *,
+    segment_length: int,
+    max_new_tokens: int,
+    context_tokens: int | None = None,
+) -> list[str]:
+    """Generated text for ``rows`` (from :func:`encode_rows`) as one left-padded batch."""
+    from memllm.core.generation import generate_ids
+
+    device = next(model.parameters()).device
+    cut = slice(-context_tokens, None) if context_tokens else slice(None)
+    ids, mask = left_pad_rows(
+        [r.prompt_ids[cut] for r in rows], [r.prompt_mask[cut] for r in rows], _pad_id(tokenizer)
+    )
+    new = generate_ids(
+        model,
+        ids.to(device),
+        mask.to(device),
+        segment_length=segment_length,
+        max_new_tokens=max_new_tokens,
+    )
+    return tokenizer.batch_decode(new, skip_special_tokens=True)
 
 
 def _pad_id(tokenizer) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 from memllm.core.config import to_dict
 from memllm.data.base import Breakdown, Reading
 from memllm.errors import ConfigError
-from memllm.evaluation import carry, closed_set, report, results, selection
+from memllm.evaluation import answers, carry, closed_set, report, results, selection
 from memllm.evaluation.experiment_config import (
     ArmSettings,
     ExperimentConfig,
@@ -94,45 +95,58 @@ def predict(
     chat: bool = False,
     context_tokens: int | None = None,
     inline: bool = False,
-) -> list[str]:
+    shard: tuple[int, int] | None = None,
+    answered: Collection[int] = (),
+    on_batch: Callable[[list[int], list[str], float], None] | None = None,
+) -> list[str | None]:
     """Generate an answer for each example (batched, longest first to waste little padding);
     ``context_tokens``: read only the last that many tokens of each prompt. Examples with their
     question in its own segment (``data.question_segment: own``) are laid out so, unless
-    ``inline`` (the base arm reads the whole prompt as one)."""
+    ``inline`` (the base arm reads the whole prompt as one).
+
+    Examples in ``answered`` (indices) and, with ``shard = (k, n)``, those of the other shards'
+    batches (:func:`memllm.evaluation.answers.plan_batches`) are not generated: their entries are
+    None. ``on_batch(indices, texts, seconds)`` is called as each batch finishes."""
+    from tqdm.auto import tqdm
+
     from memllm.core.generation import generate
-    from memllm.data.layout import generate_examples, has_own_question
+    from memllm.data.layout import encode_rows, generate_rows, has_own_question, longest_first
     from memllm.data.prompting import format_example
 
-    if not inline and has_own_question(examples):
-        return generate_examples(
-            model,
-            tokenizer,
-            examples,
-            segment_length=segment_length,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            chat=chat,
-            context_tokens=context_tokens,
-            progress=True,
-            desc=desc,
-        )
-
-    prompts = [format_example(tokenizer, ex.prompt, ex.target, chat)[0] for ex in examples]
-    order = sorted(range(len(examples)), key=lambda i: -len(prompts[i]))
-    outputs = generate(
-        model,
-        tokenizer,
-        [prompts[i] for i in order],
-        segment_length=segment_length,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        progress=True,
-        desc=desc,
-        context_tokens=context_tokens,
-    )
-    result = [""] * len(examples)
-    for i, text in zip(order, outputs, strict=True):
-        result[i] = text
+    own = not inline and has_own_question(examples)
+    if own:
+        rows = encode_rows(examples, tokenizer, segment_length=segment_length, chat=chat, eos=False)
+        order = longest_first([len(r.prompt_ids) for r in rows])
+    else:
+        prompts = [format_example(tokenizer, ex.prompt, ex.target, chat)[0] for ex in examples]
+        order = longest_first([len(p) for p in prompts])
+    result: list[str | None] = [None] * len(examples)
+    batches = answers.plan_batches(order, batch_size, shard=shard, answered=answered)
+    for batch in tqdm(batches, desc=desc, unit="batch"):
+        start = time.perf_counter()
+        if own:
+            texts = generate_rows(
+                model,
+                tokenizer,
+                [rows[i] for i in batch],
+                segment_length=segment_length,
+                max_new_tokens=max_new_tokens,
+                context_tokens=context_tokens,
+            )
+        else:
+            texts = generate(
+                model,
+                tokenizer,
+                [prompts[i] for i in batch],
+                segment_length=segment_length,
+                max_new_tokens=max_new_tokens,
+                batch_size=len(batch),
+                context_tokens=context_tokens,
+            )
+        for i, text in zip(batch, texts, strict=True):
+            result[i] = text
+        if on_batch is not None:
+            on_batch(batch, texts, time.perf_counter() - start)
     return result
 
 
@@ -145,10 +159,11 @@ class Experiment:
         *,
         source: str | Path | None = None,
         arms: list[str] | None = None,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         from memllm.data import build_task
 
-        self.cfg, self.source = cfg, source
+        self.cfg, self.source, self.shard = cfg, source, shard
         self.out = Path(cfg.output_dir)
         unknown = [a for a in (arms or []) if a not in cfg.arms]
         if unknown:
@@ -179,6 +194,7 @@ class Experiment:
                 and not arm.untrained
             }
             self._check_checkpoints()
+            self._check_shard()
         except ConfigError as err:
             raise with_file(err, source) from None
         self.examples = select_examples(self.task, cfg.eval.split, cfg.eval.max_examples)
@@ -194,6 +210,7 @@ class Experiment:
         self._tokenizer = None  # of the last arm run: the task's breakdown reads prompts with it
         self._breakdown: Breakdown | bool | None = None  # the task's; False: it has none
         self._unreported: set[str] = set()  # earlier arms that select does not test
+        self.paths: dict[str, Path] | None = None  # the report's files, once written
 
     def _check_checkpoints(self) -> None:
         """Every selected arm's checkpoint is a readable checkpoint folder, checked before any
@@ -216,6 +233,22 @@ class Experiment:
                 raise ConfigError(
                     f"arms.{name}.checkpoint: {err} (train that arm first, or fix the path)"
                 ) from None
+
+    def _check_shard(self) -> None:
+        """``--shard`` splits the answering of arms that are ready to answer; an arm that trains
+        here would be trained by every shard, and selection validates on all examples."""
+        if self.shard is None:
+            return
+        k, n = self.shard[0] + 1, self.shard[1]
+        if self.cfg.select is not None:
+            raise ConfigError(f"--shard {k}/{n}: not with select (run the selection unsharded)")
+        training = [a for a in self.arm_names if a in self.run_configs]
+        if training:
+            raise ConfigError(
+                f"--shard {k}/{n}: arm {training[0]} trains in this run and every shard would "
+                f"train it; train it first (a run without --shard, or memllm train), then give "
+                f"arms.{training[0]}.checkpoint its final folder"
+            )
 
     def tokenizer(self):
         """The tokenizer of the last arm prepared, else the backbone's (loaded alone: a run
@@ -246,7 +279,10 @@ class Experiment:
         results = self._write_shared_report(own) if not names else {}
         for name in names:
             log.info("arm %s (%s)", name, self.cfg.arms[name].kind)
-            own[name] = self.run_arm(name, self.cfg.arms[name])  # a rerun replaces a kept one
+            result = self.run_arm(name, self.cfg.arms[name])  # a rerun replaces a kept one
+            if result is None:  # a shard whose arm other shards still answer
+                continue
+            own[name] = result
             results = self._write_shared_report(own)
         return results
 
@@ -368,9 +404,10 @@ class Experiment:
         old = previous["experiment"].get("config", {}).get("arms", {}).get(name)
         return old == to_dict(self.cfg)["arms"][name]
 
-    def run_arm(self, name: str, arm: ArmSettings) -> dict[str, Any]:
+    def run_arm(self, name: str, arm: ArmSettings) -> dict[str, Any] | None:
         """Train (or load) one arm, generate its answers and score them; an arm already
-        prepared for validation (``select``) is tested as it is, not trained again."""
+        prepared for validation (``select``) is tested as it is, not trained again. None: this
+        shard answered its share, and others still have examples to answer."""
         prepared = self.prepared.pop(name, None) or self.prepare_arm(name, arm)
         return self.test_arm(name, arm, prepared)
 
@@ -432,11 +469,30 @@ class Experiment:
         )
 
     def score_examples(
-        self, name: str, arm: ArmSettings, prepared: PreparedArm, examples, candidates, desc: str
-    ) -> tuple[list[str], dict[str, list[float]]]:
-        """``(outputs, per-example scores)``: the arm's answers to ``examples`` scored by the
-        task, and by ``eval.closed_set`` (``candidates``: each example's answer set) when on."""
+        self,
+        name: str,
+        arm: ArmSettings,
+        prepared: PreparedArm,
+        examples,
+        candidates,
+        desc: str,
+        store: answers.AnswerStore | None = None,
+    ) -> tuple[list[str], dict[str, list[float]], float] | None:
+        """``(outputs, per-example scores, seconds)``: the arm's answers to ``examples`` scored
+        by the task, and by ``eval.closed_set`` (``candidates``: each example's answer set) when
+        on; ``seconds``: what the answers taken from ``store`` cost when they were generated.
+
+        With a ``store``, answers already in it are reused, new ones are saved batch by batch,
+        and only this experiment's shard is answered: None when other shards' examples still
+        have no answer (the shard that answers the last one scores them all)."""
         model, tokenizer, segment = prepared.model, prepared.tokenizer, prepared.segment
+        saved = self._saved_answers(name, store, examples)
+        known = {i: saved[ex.id][0] for i, ex in enumerate(examples) if ex.id in saved}
+
+        def record(batch: list[int], texts: list[str], seconds: float) -> None:
+            assert store is not None
+            store.append([examples[i].id for i in batch], texts, seconds)
+
         with torch.no_grad():
             outputs = predict(
                 model,
@@ -449,7 +505,25 @@ class Experiment:
                 chat=self.cfg.model.chat_template,
                 context_tokens=None if arm.carry else segment,
                 inline=arm.kind == "base",
+                shard=self.shard if store is not None else None,
+                answered=known,
+                on_batch=record if store is not None else None,
             )
+        reused = {i for i, text in enumerate(outputs) if text is None}
+        if reused:  # answered before, or by other shards (which may have finished meanwhile)
+            saved = store.load()[0] if store is not None else {}
+            for i in reused:
+                outputs[i] = saved[examples[i].id][0] if examples[i].id in saved else None
+            missing = sum(text is None for text in outputs)
+            if missing:
+                k, n = self.shard[0] + 1, self.shard[1]  # only a shard leaves examples out
+                log.info(
+                    "arm %s: shard %d/%d has answered its share; %d of %d examples still wait "
+                    "for the other shards (the one that answers the last writes the result)",
+                    name, k, n, missing, len(examples),
+                )  # fmt: skip
+                return None
+        seconds = sum(saved[examples[i].id][1] for i in reused)
         scores = self.task.score(examples, outputs)
         if candidates is not None:
             with torch.no_grad():
@@ -466,7 +540,27 @@ class Experiment:
             scores[closed_set.METRIC] = closed_set.closed_set_correct(
                 examples, candidates, likelihoods
             )
-        return outputs, scores
+        return outputs, scores, seconds
+
+    @staticmethod
+    def _saved_answers(name: str, store, examples) -> dict[str, tuple[str, float]]:
+        """The answers ``store`` holds for this arm's settings and weights, said in the log."""
+        if store is None:
+            return {}
+        saved, stale = store.load()
+        if stale:
+            log.info(
+                "arm %s: %d answers in %s came from other settings or weights; not reused",
+                name, stale, store.path,
+            )  # fmt: skip
+        reused = sum(ex.id in saved for ex in examples)
+        if reused:
+            log.info(
+                "arm %s: %d of %d answers reused from %s (same settings and weights; delete it "
+                "to generate them again)",
+                name, reused, len(examples), store.path,
+            )  # fmt: skip
+        return saved
 
     def validate_arm(
         self, name: str, arm: ArmSettings, prepared: PreparedArm, examples
@@ -474,18 +568,26 @@ class Experiment:
         """Per-example scores of a prepared arm on validation ``examples``: the same generation
         (and closed-set) scoring as its test, without the task's model-based extras."""
         candidates = self._closed_set_candidates(examples)
-        return self.score_examples(name, arm, prepared, examples, candidates, f"validate {name}")[1]
+        scored = self.score_examples(name, arm, prepared, examples, candidates, f"validate {name}")
+        assert scored is not None  # without a store every example is answered
+        return scored[1]
 
-    def test_arm(self, name: str, arm: ArmSettings, prepared: PreparedArm) -> dict[str, Any]:
-        """Generate a prepared arm's answers to the evaluation examples, score them, write its
-        predictions and return its result."""
+    def test_arm(self, name: str, arm: ArmSettings, prepared: PreparedArm) -> dict[str, Any] | None:
+        """Generate a prepared arm's answers to the evaluation examples (saved as they come,
+        :mod:`memllm.evaluation.answers`), score them, write its predictions and return its
+        result; None when other shards still have examples to answer."""
         model, tokenizer, segment = prepared.model, prepared.tokenizer, prepared.segment
         start = time.perf_counter()
         self._tokenizer = tokenizer
-        outputs, scores = self.score_examples(
-            name, arm, prepared, self.examples, self.candidates, f"eval {name}"
+        store = answers.AnswerStore(self.out / "arms" / name, self._fingerprint(name, model))
+        scored = self.score_examples(
+            name, arm, prepared, self.examples, self.candidates, f"eval {name}", store
         )
-        eval_time = time.perf_counter() - start
+        if scored is None:
+            return None
+        outputs, scores, reused_seconds = scored
+        # what every answer cost, including those generated by an earlier run or another shard
+        eval_time = time.perf_counter() - start + reused_seconds
         reading = Reading(
             segment,
             chat=self.cfg.model.chat_template,
@@ -508,7 +610,7 @@ class Experiment:
             [ex.meta.get("group", "all") for ex in self.examples],
             example_ids=[ex.id for ex in self.examples],
             description=arm.description or self._describe(name, arm),
-            wall_time_s=prepared.seconds + time.perf_counter() - start,
+            wall_time_s=prepared.seconds + time.perf_counter() - start + reused_seconds,
             train_time_s=prepared.train_time,
             eval_time_s=eval_time,
             trainable_params=prepared.params,
@@ -519,6 +621,14 @@ class Experiment:
             descriptions=getattr(self.task, "metric_definitions", None),
             extra={"kind": arm.kind, "segment_length": segment},
         )
+
+    def _fingerprint(self, name: str, model) -> str:
+        """What decides arm ``name``'s answers: the settings and its memory/LoRA weights."""
+        import memllm
+
+        ids = {id(p) for p in memllm.memory_parameters(model) + memllm.lora_parameters(model)}
+        weights = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
+        return answers.fingerprint(to_dict(self.cfg), name, weights)
 
     @staticmethod
     def _describe(name: str, arm: ArmSettings) -> str:
@@ -614,9 +724,11 @@ def _device() -> str | None:
     return "cuda" if torch.cuda.is_available() else None
 
 
-def run_experiment(path: str | Path, overrides: list[str] | None = None, arms=None):
+def run_experiment(
+    path: str | Path, overrides: list[str] | None = None, arms=None, shard: str | None = None
+):
     cfg = load_experiment_config(path, overrides)
-    experiment = Experiment(cfg, source=path, arms=arms)
+    experiment = Experiment(cfg, source=path, arms=arms, shard=answers.parse_shard(shard))
     return experiment, experiment.run()
 
 

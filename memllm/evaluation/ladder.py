@@ -106,12 +106,16 @@ def run_ladder(
     *,
     rungs: Sequence[str] | None = None,
     arms: Sequence[str] | None = None,
+    shard: str | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Run the ladder's rungs (all, or ``rungs``), each arm (all, or ``arms``), then write
     ``ladder.json``, ``ladder.md`` and ``ladder.png`` from every rung's results found in the
-    output folder. Returns ``(ladder, paths)``."""
+    output folder. Returns ``(ladder, paths)``. ``shard`` ("K/N"): this process answers its
+    share of every arm's examples (:mod:`memllm.evaluation.answers`)."""
+    from memllm.evaluation.answers import parse_shard
     from memllm.evaluation.experiment import Experiment
 
+    split = parse_shard(shard)
     settings, configs = load_ladder(path, overrides)
     unknown = [r for r in rungs or [] if r not in configs]
     if unknown:
@@ -122,7 +126,7 @@ def run_ladder(
         if arms and not chosen:
             continue
         log.info("rung %s", rung)
-        Experiment(cfg, source=path, arms=chosen).run()
+        Experiment(cfg, source=path, arms=chosen, shard=split).run()
     found = {}
     for rung, cfg in configs.items():
         file = Path(cfg.output_dir) / "results.json"
