@@ -487,7 +487,7 @@ class Experiment:
         have no answer (the shard that answers the last one scores them all)."""
         model, tokenizer, segment = prepared.model, prepared.tokenizer, prepared.segment
         saved = self._saved_answers(name, store, examples)
-        known = {i: saved[ex.id][0] for i, ex in enumerate(examples) if ex.id in saved}
+        known = {i for i, ex in enumerate(examples) if ex.id in saved}
 
         def record(batch: list[int], texts: list[str], seconds: float) -> None:
             assert store is not None

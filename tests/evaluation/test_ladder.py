@@ -106,6 +106,20 @@ def test_ladder_runs_end_to_end_and_window_is_at_chance(tmp_path, capsys):
     assert "report:" in capsys.readouterr().out
 
 
+def test_shards_of_a_ladder_build_the_cells_of_one_run(tmp_path):
+    """--shard passes to every rung; the second shard completes the arm, closed-set included."""
+    cells = {}
+    for folder, shards in (("whole", [None]), ("split", ["1/2", "2/2"])):
+        out = tmp_path / folder
+        for shard in shards:
+            args = ["ladder", "--config", str(LADDER), "--rungs", "recall_k2", "--arms", "window"]
+            args += [*TINY, f"output_dir={out}"] + (["--shard", shard] if shard else [])
+            assert main(args) == 0
+        cells[folder] = json.loads((out / "ladder.json").read_text())["cells"]["window"]
+    assert cells["split"] == cells["whole"]
+    assert cells["split"]["recall_k2"]["closed_set_accuracy"]["n"] == 30
+
+
 def test_closed_set_needs_a_closed_answer_set(tmp_path, capsys):
     path = tmp_path / "exp.yaml"
     path.write_text(
