@@ -42,6 +42,16 @@ def cmd_quickstart(args) -> int:
     return 0
 
 
+def _add_shard(parser) -> None:
+    parser.add_argument(
+        "--shard",
+        metavar="K/N",
+        help="answer only this process's share of each arm's examples (K of N processes on one "
+        "output folder); answers are saved as they come and the shard that answers the last "
+        "example writes the arm's result",
+    )
+
+
 def register(sub) -> None:
     p = sub.add_parser("experiment", help="run memory and baseline arms, write a report")
     p.add_argument("--config", required=True, help="experiment config YAML")
@@ -50,13 +60,7 @@ def register(sub) -> None:
         help="comma-separated subset of the config's arms; the other arms' results already in "
         "the output folder stay in the report when their settings are unchanged",
     )
-    p.add_argument(
-        "--shard",
-        metavar="K/N",
-        help="answer only this process's share of each arm's examples (K of N processes on one "
-        "output folder); answers are saved as they come and the shard that answers the last "
-        "example writes the arm's result",
-    )
+    _add_shard(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=cmd_experiment)
 
@@ -72,13 +76,7 @@ def register(sub) -> None:
         help="comma-separated subset of the arms; the other arms' results already in each "
         "rung's folder stay in the reports when their settings are unchanged",
     )
-    p.add_argument(
-        "--shard",
-        metavar="K/N",
-        help="answer only this process's share of each arm's examples (K of N processes on one "
-        "output folder); answers are saved as they come and the shard that answers the last "
-        "example writes the arm's result",
-    )
+    _add_shard(p)
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="dotted config overrides")
     p.set_defaults(func=cmd_ladder)
 

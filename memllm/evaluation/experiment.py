@@ -120,29 +120,22 @@ def predict(
     else:
         prompts = [format_example(tokenizer, ex.prompt, ex.target, chat)[0] for ex in examples]
         order = longest_first([len(p) for p in prompts])
+    settings = dict(
+        segment_length=segment_length, max_new_tokens=max_new_tokens, context_tokens=context_tokens
+    )
+
+    def answer(batch: list[int]) -> list[str]:
+        if own:
+            return generate_rows(model, tokenizer, [rows[i] for i in batch], **settings)
+        return generate(
+            model, tokenizer, [prompts[i] for i in batch], batch_size=len(batch), **settings
+        )
+
     result: list[str | None] = [None] * len(examples)
     batches = answers.plan_batches(order, batch_size, shard=shard, answered=answered)
     for batch in tqdm(batches, desc=desc, unit="batch"):
         start = time.perf_counter()
-        if own:
-            texts = generate_rows(
-                model,
-                tokenizer,
-                [rows[i] for i in batch],
-                segment_length=segment_length,
-                max_new_tokens=max_new_tokens,
-                context_tokens=context_tokens,
-            )
-        else:
-            texts = generate(
-                model,
-                tokenizer,
-                [prompts[i] for i in batch],
-                segment_length=segment_length,
-                max_new_tokens=max_new_tokens,
-                batch_size=len(batch),
-                context_tokens=context_tokens,
-            )
+        texts = answer(batch)
         for i, text in zip(batch, texts, strict=True):
             result[i] = text
         if on_batch is not None:
