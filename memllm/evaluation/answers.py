@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from memllm.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 ANSWERS_FILE = "answers.jsonl"
 # Experiment settings that never change an example's answer (see the module docstring).
@@ -81,6 +84,14 @@ def fingerprint(settings: Mapping[str, Any], arm: str, parameters: Iterable[Any]
     return digest.hexdigest()[:16]
 
 
+def model_fingerprint(settings: Mapping[str, Any], arm: str, model) -> str:
+    """:func:`fingerprint` of arm ``arm`` with ``model``'s memory and LoRA weights."""
+    import memllm
+
+    ids = {id(p) for p in memllm.memory_parameters(model) + memllm.lora_parameters(model)}
+    return fingerprint(settings, arm, [(n, p) for n, p in model.named_parameters() if id(p) in ids])
+
+
 class AnswerStore:
     """``arms/<arm>/answers.jsonl``: one line per answered example, ``{"fingerprint", "id",
     "output", "seconds"}`` (``seconds``: the example's share of its batch's generation time, so
@@ -113,6 +124,24 @@ class AnswerStore:
             else:
                 stale += 1
         return answers, stale
+
+    def saved(self, arm: str, ids: Sequence[str]) -> dict[str, tuple[str, float]]:
+        """:meth:`load`'s answers, saying in the log how many of ``ids`` are reused and how many
+        lines are stale."""
+        answers, stale = self.load()
+        if stale:
+            log.info(
+                "arm %s: %d answers in %s came from other settings or weights; not reused",
+                arm, stale, self.path,
+            )  # fmt: skip
+        reused = sum(i in answers for i in ids)
+        if reused:
+            log.info(
+                "arm %s: %d of %d answers reused from %s (same settings and weights; delete it "
+                "to generate them again)",
+                arm, reused, len(ids), self.path,
+            )  # fmt: skip
+        return answers
 
     def append(self, ids: Sequence[str], outputs: Sequence[str], seconds: float) -> None:
         """Record one batch's answers (``seconds``: what the batch took, shared among them)."""

@@ -479,7 +479,7 @@ class Experiment:
         and only this experiment's shard is answered: None when other shards' examples still
         have no answer (the shard that answers the last one scores them all)."""
         model, tokenizer, segment = prepared.model, prepared.tokenizer, prepared.segment
-        saved = self._saved_answers(name, store, examples)
+        saved = store.saved(name, [ex.id for ex in examples]) if store is not None else {}
         known = {i for i, ex in enumerate(examples) if ex.id in saved}
 
         def record(batch: list[int], texts: list[str], seconds: float) -> None:
@@ -535,26 +535,6 @@ class Experiment:
             )
         return outputs, scores, seconds
 
-    @staticmethod
-    def _saved_answers(name: str, store, examples) -> dict[str, tuple[str, float]]:
-        """The answers ``store`` holds for this arm's settings and weights, said in the log."""
-        if store is None:
-            return {}
-        saved, stale = store.load()
-        if stale:
-            log.info(
-                "arm %s: %d answers in %s came from other settings or weights; not reused",
-                name, stale, store.path,
-            )  # fmt: skip
-        reused = sum(ex.id in saved for ex in examples)
-        if reused:
-            log.info(
-                "arm %s: %d of %d answers reused from %s (same settings and weights; delete it "
-                "to generate them again)",
-                name, reused, len(examples), store.path,
-            )  # fmt: skip
-        return saved
-
     def validate_arm(
         self, name: str, arm: ArmSettings, prepared: PreparedArm, examples
     ) -> dict[str, list[float]]:
@@ -572,7 +552,8 @@ class Experiment:
         model, tokenizer, segment = prepared.model, prepared.tokenizer, prepared.segment
         start = time.perf_counter()
         self._tokenizer = tokenizer
-        store = answers.AnswerStore(self.out / "arms" / name, self._fingerprint(name, model))
+        key = answers.model_fingerprint(to_dict(self.cfg), name, model)
+        store = answers.AnswerStore(self.out / "arms" / name, key)
         scored = self.score_examples(
             name, arm, prepared, self.examples, self.candidates, f"eval {name}", store
         )
@@ -614,14 +595,6 @@ class Experiment:
             descriptions=getattr(self.task, "metric_definitions", None),
             extra={"kind": arm.kind, "segment_length": segment},
         )
-
-    def _fingerprint(self, name: str, model) -> str:
-        """What decides arm ``name``'s answers: the settings and its memory/LoRA weights."""
-        import memllm
-
-        ids = {id(p) for p in memllm.memory_parameters(model) + memllm.lora_parameters(model)}
-        weights = [(n, p) for n, p in model.named_parameters() if id(p) in ids]
-        return answers.fingerprint(to_dict(self.cfg), name, weights)
 
     @staticmethod
     def _describe(name: str, arm: ArmSettings) -> str:
